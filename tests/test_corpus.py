@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from xpert_fl.data import CorpusError, NEUTRAL, load_corpus, write_corpus
+from xpert_fl.data import NEUTRAL, CorpusError, load_corpus, write_corpus
 from xpert_fl.data.corpus import corpus_stats
 
 

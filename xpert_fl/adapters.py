@@ -123,7 +123,8 @@ class Adapter:
     def from_peft(cls, model: PeftModel, base_fingerprint: str, adapter_name: str = "default") -> Adapter:
         config = model.peft_config[adapter_name].to_dict()
         config = json.loads(json.dumps(config, default=_jsonable))
-        tensors = {k: v.detach().clone().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        tensors = {k: v.detach().clone().cpu() for k, v in state.items()}
         return cls(config=config, tensors=tensors, base_fingerprint=base_fingerprint)
 
     def lora_config(self) -> LoraConfig:

@@ -1,0 +1,1 @@
+"""clients: see README.md for what lands here."""

@@ -1,0 +1,1 @@
+"""simulations: see README.md for what lands here."""

@@ -1,0 +1,1 @@
+"""strategies: see README.md for what lands here."""
