@@ -200,9 +200,7 @@ def test_parents_must_exist_and_are_kept(tmp_path, info, lora):
 def test_set_explanation_persists_across_reopen(tmp_path, info, lora):
     cache = PLLMCache(tmp_path, info)
     entry = cache.add(lora)
-    updated = cache.set_explanation(
-        entry.id, torch.tensor([0.5, 0.25]), ["sarcastic", "concise"], "0.50 sarcastic"
-    )
+    updated = cache.set_explanation(entry.id, torch.tensor([0.5, 0.25]), ["sarcastic", "concise"], "0.50 sarcastic")
     assert (updated.coords, updated.words) == ([0.5, 0.25], ["sarcastic", "concise"])
     assert PLLMCache(tmp_path).get(entry.id) == updated
     before = snapshot(tmp_path)
@@ -296,9 +294,7 @@ def test_oversized_adapter_rejected_and_cache_unchanged(populated, lora, tmp_pat
     before = snapshot(populated)
     with pytest.raises(AdapterError, match="over the .*-byte limit"):
         small.add(lora)
-    archive = (
-        PLLMCache(tmp_path / "src", small.base).add(lora).path
-    )  # and via import: checked before extraction
+    archive = PLLMCache(tmp_path / "src", small.base).add(lora).path  # and via import: checked before extraction
     PLLMCache(tmp_path / "src").export_entry(archive.name, tmp_path / "big.tar")
     with pytest.raises(AdapterError, match=f"{WEIGHTS_FILE} is .* bytes, over the"):
         small.import_entry(tmp_path / "big.tar")
@@ -343,9 +339,7 @@ def test_bad_archives_rejected_and_cache_unchanged(populated, info, lora, tmp_pa
         ),
         "extra file": (rewrite_archive(good, tmp_path / "e.tar", {"../evil": b"x"}), CacheError, "exactly"),
         "id mismatch": (
-            rewrite_archive(
-                good, tmp_path / "i.tar", {ENTRY_FILE: json.dumps({**record, "id": "0" * 20}).encode()}
-            ),
+            rewrite_archive(good, tmp_path / "i.tar", {ENTRY_FILE: json.dumps({**record, "id": "0" * 20}).encode()}),
             CacheError,
             "content hash",
         ),

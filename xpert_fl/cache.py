@@ -155,8 +155,7 @@ class PLLMCache:
         if stored is None:
             if base is None:
                 raise CacheError(
-                    f"no pLLM cache at {self.root} (no {INDEX_FILE}); "
-                    "pass the base model's BaseInfo to create one"
+                    f"no pLLM cache at {self.root} (no {INDEX_FILE}); pass the base model's BaseInfo to create one"
                 )
             self._create(base)
             stored = self._read_base()
@@ -231,7 +230,7 @@ class PLLMCache:
         return self._add(adapter, parents=tuple(parents), metrics=metrics or {}, label=label)
 
     def remove(self, id: str) -> None:
-        """Remove an entry. An entry that other entries name as parent is kept (their provenance needs it)."""
+        """Remove an entry; refused while other entries name it as parent (their provenance needs it)."""
         with self._writer_lock():
             with self._db() as conn, self._transaction(conn):
                 if conn.execute("SELECT 1 FROM entries WHERE id = ?", (id,)).fetchone() is None:
@@ -248,9 +247,7 @@ class PLLMCache:
             # the next open removes. Still under the writer lock, so a concurrent re-add keeps its files.
             _remove_tree(self._adapters / id)
 
-    def set_explanation(
-        self, id: str, coords: Sequence[float], words: Sequence[str], explanation: str
-    ) -> CacheEntry:
+    def set_explanation(self, id: str, coords: Sequence[float], words: Sequence[str], explanation: str) -> CacheEntry:
         """Record an entry's coordinates on the basis (one per word) and its explanation text."""
         coords_, words_, explanation_ = _check_explanation(coords, words, explanation)
         with self._db() as conn, self._transaction(conn):
@@ -383,21 +380,16 @@ class PLLMCache:
             raise AdapterError(f"adapter config must be a JSON object, got {type(cfg).__name__}")
         targets = cfg.get("target_modules")
         if not (
-            isinstance(targets, str)
-            or (isinstance(targets, list | tuple) and all(isinstance(t, str) for t in targets))
+            isinstance(targets, str) or (isinstance(targets, list | tuple) and all(isinstance(t, str) for t in targets))
         ):
-            raise AdapterError(
-                f"adapter config 'target_modules' must be a list of module names, got {targets!r}"
-            )
+            raise AdapterError(f"adapter config 'target_modules' must be a list of module names, got {targets!r}")
         alpha = cfg.get("lora_alpha")
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
             raise AdapterError(f"adapter config needs a finite numeric 'lora_alpha', got {alpha!r}")
         validate_adapter(adapter, self._base.fingerprint, self._base.shapes, max_bytes=self.max_bytes)
         for name, tensor in adapter.tensors.items():
             if not tensor.is_floating_point():
-                raise AdapterError(
-                    f"tensor {name} has dtype {tensor.dtype}; LoRA tensors must be floating point"
-                )
+                raise AdapterError(f"tensor {name} has dtype {tensor.dtype}; LoRA tensors must be floating point")
         bad_meta = [k for k, v in adapter.meta.items() if not (isinstance(k, str) and isinstance(v, str))]
         if bad_meta:
             raise AdapterError(f"adapter metadata must map strings to strings; offending keys {bad_meta[:3]}")
@@ -410,16 +402,13 @@ class PLLMCache:
                 members = tar.getmembers()
                 names = [m.name for m in members]
                 if sorted(names) != sorted(expected):
-                    raise CacheError(
-                        f"archive {src} must hold exactly {sorted(expected)}, found {sorted(names)}"
-                    )
+                    raise CacheError(f"archive {src} must hold exactly {sorted(expected)}, found {sorted(names)}")
                 for m in members:
                     if not m.isfile():
                         raise CacheError(f"archive {src}: {m.name} is not a regular file")
                     if m.size > expected[m.name]:
                         raise AdapterError(
-                            f"archive {src}: {m.name} is {m.size} bytes, "
-                            f"over the {expected[m.name]}-byte limit"
+                            f"archive {src}: {m.name} is {m.size} bytes, over the {expected[m.name]}-byte limit"
                         )
                 for m in members:
                     fh = tar.extractfile(m)
@@ -543,8 +532,7 @@ class PLLMCache:
                         return
                     if time.monotonic() > deadline:
                         raise CacheError(
-                            f"the cache at {self.root} stayed locked by another writer "
-                            f"for {LOCK_TIMEOUT_S:.0f} s"
+                            f"the cache at {self.root} stayed locked by another writer for {LOCK_TIMEOUT_S:.0f} s"
                         ) from None
                     time.sleep(0.01)
             try:
@@ -578,9 +566,7 @@ def _check_explanation(
         raise CacheError(f"words must be a list of strings, got {words!r}")
     words_ = list(words)
     if len(words_) != len(coords_):
-        raise CacheError(
-            f"{len(coords_)} coords but {len(words_)} words: each coordinate needs its basis word"
-        )
+        raise CacheError(f"{len(coords_)} coords but {len(words_)} words: each coordinate needs its basis word")
     if not isinstance(explanation, str):
         raise CacheError(f"explanation must be a string, got {explanation!r}")
     return coords_, words_, explanation

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from xpert_fl.cache import CacheError
 from xpert_fl.data.corpus import BUILTIN, NEUTRAL, CorpusError, corpus_stats, load_corpus
 from xpert_fl.models import DEFAULT_SPEC, LoadOptions, ModelLoadError, convert_embedded, load_model
 
@@ -55,6 +56,104 @@ def cmd_corpus_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_config(args: argparse.Namespace):
+    from xpert_fl.finetune import FinetuneConfig
+
+    return FinetuneConfig(max_steps=args.max_steps, lr=args.lr, rank=args.rank, batch_size=args.batch_size,
+                          max_seq_len=args.max_seq_len, seed=args.seed)
+
+
+def cmd_cache_build(args: argparse.Namespace) -> int:
+    """Fine-tune one pLLM per style of a corpus at a similarity and add them to a cache (resumable)."""
+    from xpert_fl.production import build_cache
+
+    base = load_model(args.spec)
+    corpus = load_corpus(args.corpus)
+    entries = build_cache(base, corpus, args.similarity, args.out, _finetune_config(args),
+                          styles=args.styles, n_train=args.n_train, seed=args.seed)
+    _print_entries(entries)
+    return 0
+
+
+def cmd_cache_list(args: argparse.Namespace) -> int:
+    """List the pLLMs of a cache with their labels, sizes and explanations."""
+    from xpert_fl.cache import PLLMCache
+
+    _print_entries(PLLMCache(args.cache).entries())
+    return 0
+
+
+def _print_entries(entries) -> None:
+    print(f"{'id':<22}{'label':<14}{'sim':>5}{'loss':>7}{'KiB':>7}  explanation")
+    for e in entries:
+        m = e.metrics
+        loss = m.get("best_test_loss")
+        print(f"{e.id:<22}{(e.label or '-'):<14}{m.get('similarity', '-'):>5}"
+              f"{(f'{loss:.3f}' if loss is not None else '-'):>7}{e.size_bytes // 1024:>7}  {e.explanation or '-'}")
+
+
+def _method(args: argparse.Namespace):
+    """Base model, summarizer and probe settings shared by explain and select (one model load)."""
+    from xpert_fl.explain import ProbeConfig
+    from xpert_fl.summarizer import Summarizer, SummarizerConfig
+
+    base = load_model(args.spec)
+    summ_model = base if args.summarizer in (None, args.spec) else load_model(args.summarizer)
+    summarizer = Summarizer(summ_model, SummarizerConfig())
+    return base, summarizer, ProbeConfig(max_new_tokens=args.max_new_tokens)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Server side: probe and explain the cache's pLLMs; grow and save the common basis."""
+    from xpert_fl.basis import report
+    from xpert_fl.cache import PLLMCache
+    from xpert_fl.explain import Explainer, explain_cache, open_basis
+    from xpert_fl.probe import probe_prompts
+
+    base, summarizer, probe = _method(args)
+    cache = PLLMCache(args.cache)
+    basis = open_basis(cache.root, summarizer, args.tau_orth, args.tau_res, args.orthogonalize)
+    explainer = Explainer(base, summarizer, probe_prompts(args.probe_prompts), probe)
+    start = time.perf_counter()
+    decs = explain_cache(cache, explainer, basis)
+    seconds = time.perf_counter() - start
+    _print_entries(cache.entries())
+    print(f"\nbasis: {basis.size} words ({', '.join(basis.words[:12])}{' ...' if basis.size > 12 else ''})")
+    if decs:
+        print(f"explained {len(decs)} pLLM(s) in {seconds:.1f}s ({seconds / len(decs):.1f}s each); "
+              f"{json.dumps(report(list(decs.values())))}")
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    """Device side: coordinates of the user's own data on the received basis -> the choice."""
+    import numpy as np
+
+    from xpert_fl.basis import Basis
+    from xpert_fl.cache import PLLMCache
+    from xpert_fl.data.corpus import read_samples
+    from xpert_fl.explain import BASIS_FILE, user_coordinates
+    from xpert_fl.select import select
+
+    base, summarizer, probe = _method(args)
+    cache = PLLMCache(args.cache)
+    basis = Basis.load(args.basis or cache.root / BASIS_FILE, expect_summarizer=summarizer.fingerprint)
+    coords = {e.id: np.asarray(e.coords) for e in cache.entries() if e.coords is not None}
+    if not coords:
+        raise ValueError(f"no explained pLLM in {cache.root}: run `xpert explain --cache {cache.root}` first")
+    mine = user_coordinates(base, summarizer, basis, read_samples(args.data), probe)
+    choice = select(mine.coords, coords, args.delta, size=basis.size)
+    print(f"your data:  {mine.text}")
+    by_id = {e.id: e for e in cache.entries()}
+    for i, w in zip(choice.ids, choice.weights, strict=True):
+        print(f"choice:     {choice.kind} {i} (weight {w:.2f}, label {by_id[i].label}): {by_id[i].explanation}")
+    if choice.kind == "base":
+        print("choice:     base model (empty cache)")
+    for i, d in sorted(choice.distances.items(), key=lambda kv: kv[1]):
+        print(f"  L1 {d:8.3f}  {i}  {by_id[i].label or '-'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on the embedded default, end to end, as far as the product goes today."""
     print(f"== model: {args.spec}")
@@ -91,6 +190,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-examples", dest="examples", action="store_false")
     p.set_defaults(func=cmd_corpus_show)
 
+    def finetune_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-steps", type=int, default=40)
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--rank", type=int, default=8)
+        p.add_argument("--batch-size", type=int, default=4)
+        p.add_argument("--max-seq-len", type=int, default=192)
+        p.add_argument("--seed", type=int, default=0)
+
+    def method_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--spec", default=DEFAULT_SPEC, help="base model spec")
+        p.add_argument("--summarizer", default=None, help="summarizer model spec (default: the base model)")
+        p.add_argument("--max-new-tokens", type=int, default=48, help="probe answer length")
+
+    p = sub.add_parser("cache", help="build and inspect pLLM caches")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True)
+    p = cache_sub.add_parser("build", help="fine-tune one pLLM per style at a similarity into a cache")
+    p.add_argument("--corpus", default="builtin", help=f"a corpus directory or one of: {', '.join(BUILTIN)}")
+    p.add_argument("--similarity", type=float, default=0.9, help="fraction of styled samples (paper §7)")
+    p.add_argument("--out", required=True, help="cache directory (created if missing)")
+    p.add_argument("--styles", nargs="*", default=None, help="default: every style of the corpus")
+    p.add_argument("--n-train", type=int, default=None, help="training samples per pLLM (default: all)")
+    p.add_argument("--spec", default=DEFAULT_SPEC)
+    finetune_args(p)
+    p.set_defaults(func=cmd_cache_build)
+    p = cache_sub.add_parser("list", help="list a cache's pLLMs")
+    p.add_argument("--cache", required=True)
+    p.set_defaults(func=cmd_cache_list)
+
+    p = sub.add_parser("explain", help="server side: probe + explain a cache's pLLMs, growing the basis")
+    p.add_argument("--cache", required=True)
+    p.add_argument("--probe-prompts", type=int, default=24, help="paper: 50")
+    p.add_argument("--tau-orth", type=float, default=0.1)
+    p.add_argument("--tau-res", type=float, default=0.2)
+    p.add_argument("--orthogonalize", action="store_true", help="Gram-Schmidt the basis (exact coordinates)")
+    method_args(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("select", help="device side: choose a pLLM for your data from a basis + coordinates")
+    p.add_argument("--cache", required=True, help="where the explained coordinates come from")
+    p.add_argument("--basis", default=None, help="basis file (default: the cache's)")
+    p.add_argument("--data", required=True, help="your data: a JSONL file of {prompt, response} lines")
+    p.add_argument("--delta", type=float, default=float("inf"), help="merge when the best L1 exceeds this")
+    method_args(p)
+    p.set_defaults(func=cmd_select)
+
     p = sub.add_parser("demo", help="run the main job end to end on the embedded default")
     p.add_argument("--spec", default=DEFAULT_SPEC)
     p.set_defaults(func=cmd_demo)
@@ -101,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelLoadError, CorpusError, ValueError, KeyError) as err:
+    except (ModelLoadError, CorpusError, CacheError, ValueError, KeyError, OSError) as err:
         print(f"xpert: error: {err}", file=sys.stderr)
         return 2
 

@@ -277,15 +277,11 @@ def shared_copy(model: PreTrainedModel) -> PreTrainedModel:
     PEFT replaces modules of the model it wraps; doing that on this copy leaves ``model`` untouched
     (values, requires_grad flags and module tree), at the cost of buffers only. Tied weights stay tied.
     """
-    memo: dict[int, object] = {
-        id(p): torch.nn.Parameter(p.data, requires_grad=False) for p in model.parameters()
-    }
+    memo: dict[int, object] = {id(p): torch.nn.Parameter(p.data, requires_grad=False) for p in model.parameters()}
     return copy.deepcopy(model, memo)
 
 
-def prepare_model(
-    loaded: LoadedModel, start: Adapter | None = None, config: FinetuneConfig | None = None
-) -> PeftModel:
+def prepare_model(loaded: LoadedModel, start: Adapter | None = None, config: FinetuneConfig | None = None) -> PeftModel:
     """A trainable PeftModel over a weight-sharing copy of ``loaded.model`` (which stays clean).
 
     ``start=None``: a fresh LoRA adapter (config rank/alpha/targets; PEFT init, B = 0, so the start
@@ -564,9 +560,7 @@ def finetune(
             loss = _encoded_loss(model, test_enc, pad_id, config.eval_batch_size)
             train_loss = window_nll / window_tokens if window_tokens else None
             window_nll, window_tokens = 0.0, 0
-            return EvalPoint(
-                step, train_loss, loss, time.perf_counter() - t0, train_s, samples, tokens, meter.joules()
-            )
+            return EvalPoint(step, train_loss, loss, time.perf_counter() - t0, train_s, samples, tokens, meter.joules())
 
         history = [evaluate(0)]
         best, best_step, best_state = history[0].test_loss, 0, _lora_state(model)
@@ -595,21 +589,18 @@ def finetune(
                 padded += batch["attention_mask"].numel()
                 window_nll, window_tokens = window_nll + float(nll.detach()), window_tokens + n
                 bar.update(1)
-                out_of_time = (
-                    config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds
-                )
+                out_of_time = config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds
                 if step % config.eval_every and step < config.max_steps and not out_of_time:
                     continue
                 point = evaluate(step)
                 history.append(point)
                 model.train()
-                bar.set_postfix(
-                    train=f"{point.train_loss:.3f}", test=f"{point.test_loss:.3f}", best=f"{best:.3f}"
-                )
-                if point.test_loss < best - config.min_delta:
-                    best, best_step, best_state, bad = point.test_loss, step, _lora_state(model), 0
-                else:
-                    bad += 1
+                # patience counts evaluations that do not beat the best by min_delta; the kept
+                # weights are those of the lowest loss (so a target-reaching evaluation always wins)
+                bad = 0 if point.test_loss < best - config.min_delta else bad + 1
+                if point.test_loss < best:
+                    best, best_step, best_state = point.test_loss, step, _lora_state(model)
+                bar.set_postfix(train=f"{point.train_loss:.3f}", test=f"{point.test_loss:.3f}", best=f"{best:.3f}")
                 if target is not None and point.test_loss <= target:
                     stop = "target"
                     break
@@ -628,7 +619,7 @@ def finetune(
         adapter = Adapter.from_peft(model, fingerprint)
     adapter.meta = {
         "xpert_parent": start.content_hash if start is not None else "",
-        "xpert_steps": str(best_step),
+        "xpert_finetune_steps": str(best_step),
     }
 
     last = history[-1]
@@ -714,9 +705,7 @@ def samples_to_target(
     smaller count. Subsets are nested prefixes of ``pool``: shuffle the pool beforehand.
     """
     if config.target_loss is None:
-        raise ValueError(
-            "samples_to_target needs config.target_loss (e.g. target_from_scratch(scratch_result))"
-        )
+        raise ValueError("samples_to_target needs config.target_loss (e.g. target_from_scratch(scratch_result))")
     grid = list(counts) if counts is not None else default_counts(len(pool))
     if not grid or grid != sorted(set(grid)) or grid[0] < 1 or grid[-1] > len(pool):
         raise ValueError(f"counts must be strictly increasing integers in [1, {len(pool)}], got {grid}")

@@ -29,6 +29,11 @@ INSTRUCTION = (
 ANSWER_PREFIX = "Compared to Text A, the language style of Text B is more"
 WORD_PROMPT = "Use one adjective to summarize the meaning of \"{word}\" when it describes a language style."
 EMBEDDINGS = ("slot", "mean-pool")  # the paper's adjective slot, or mean-pooled states of the styled text
+# Reference adjectives: their mean direct-route vector is the common component removed from word vectors.
+REFERENCE_WORDS = (
+    "formal casual concise verbose friendly hostile poetic plain technical simple sarcastic sincere "
+    "persuasive neutral informative vague elementary expert playful serious emotional dry lyrical blunt"
+).split()
 _STOP = frozenset(
     "the and for with that this than more less very much text style language like about from into "
     "over such just also only both each other same different".split()
@@ -73,6 +78,7 @@ class Summarizer:
         self.model = loaded.model
         self._word_vocab = _word_vocabulary(self.tokenizer)
         self._null: dict[tuple[str, ...], np.ndarray] = {}
+        self._word_center: np.ndarray | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -170,9 +176,12 @@ class Summarizer:
         ranked = sorted(seen.items(), key=lambda kv: -kv[1])
         return [w for w, _ in ranked], [p for _, p in ranked]
 
-    def word_vector(self, word: str) -> np.ndarray:
-        """Sub-vector of a word by the direct route (paper §4.3): embed the word-prompt at the slot."""
-        return self.word_vectors([word])[0]
+    def subvector(self, word: str) -> np.ndarray:
+        """Sub-vector of a word by the direct route (paper §4.3), calibrated like drift embeddings:
+        the mean vector of common style adjectives (the shared component) is subtracted."""
+        if self._word_center is None:
+            self._word_center = self.word_vectors(REFERENCE_WORDS).mean(0)
+        return (self.word_vectors([word])[0] - self._word_center).astype(np.float32)
 
     def word_vectors(self, words: Sequence[str], progress: bool = False) -> np.ndarray:
         prompts = [self._chat(WORD_PROMPT.format(word=w)) for w in words]

@@ -58,7 +58,9 @@ class StyleCorpus:
         return {s.prompt: s for s in self.neutral if s.prompt}
 
 
-def _read_jsonl(path: Path) -> list[Sample]:
+def read_samples(path: str | Path) -> list[Sample]:
+    """Samples of one JSONL file of the corpus format (a user's own data, one style file)."""
+    path = Path(path)
     samples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -99,14 +101,14 @@ def load_corpus(source: str | Path = "builtin") -> StyleCorpus:
         by_style[style] = path
     if NEUTRAL not in by_style:
         raise CorpusError(f"corpus {directory} has no {NEUTRAL}.jsonl (unstyled reference text is required)")
-    neutral = _read_jsonl(by_style.pop(NEUTRAL))
+    neutral = read_samples(by_style.pop(NEUTRAL))
     if not neutral:
         raise CorpusError(f"{directory / (NEUTRAL + '.jsonl')}: no samples")
     if not by_style:
         raise CorpusError(f"corpus {directory} has no style files besides {NEUTRAL}.jsonl")
     styles = {}
     for style, path in by_style.items():
-        samples = _read_jsonl(path)
+        samples = read_samples(path)
         if not samples:
             raise CorpusError(f"{path}: style {style!r} has no samples")
         styles[style] = samples

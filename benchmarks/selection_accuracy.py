@@ -1,0 +1,209 @@
+"""Selection accuracy of XPerT on a corpus (issue: method core, item 8).
+
+One pLLM per style at a similarity (cloud role, `xpert_fl.production.build_cache`), users holding
+disjoint samples of one style (user role). Each user's drift is projected on the basis built over the
+pLLMs (Algorithm 1) and the nearest pLLM (Eq. 1) is chosen; a choice is correct when the pLLM's
+training style is the user's. Every summarizer variant is scored on the same pLLMs, probes and users,
+both on basis coordinates (the method) and on the raw drift vectors (what the basis can at best keep).
+
+    python benchmarks/selection_accuracy.py --similarity 0.9 --out benchmarks/results
+
+Writes selection_accuracy_<corpus>_<sim>.json and .png. Probe/user generations are cached in the
+work dir, so re-running with other variants only pays for the summarizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from xpert_fl.basis import Basis, report  # noqa: E402
+from xpert_fl.cache import PLLMCache  # noqa: E402
+from xpert_fl.data import load_corpus, split_roles, user_samples  # noqa: E402
+from xpert_fl.explain import ProbeConfig, adapter_answers  # noqa: E402
+from xpert_fl.finetune import FinetuneConfig  # noqa: E402
+from xpert_fl.models import load_model  # noqa: E402
+from xpert_fl.probe import generate  # noqa: E402
+from xpert_fl.production import build_cache  # noqa: E402
+from xpert_fl.select import nearest  # noqa: E402
+from xpert_fl.summarizer import Summarizer, SummarizerConfig  # noqa: E402
+
+VARIANTS = {
+    "paper-slot+null": SummarizerConfig(embedding="slot", calibrate=True),
+    "paper-slot-raw": SummarizerConfig(embedding="slot", calibrate=False),
+    "mean-pool+ref": SummarizerConfig(embedding="mean-pool", calibrate=True),
+}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def cached_json(path: Path, make):
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = make()
+    path.write_text(json.dumps(value))
+    return value
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", default="builtin")
+    ap.add_argument("--similarity", type=float, default=0.9)
+    ap.add_argument("--user-samples", type=int, default=8)
+    ap.add_argument("--users-per-style", type=int, default=3)
+    ap.add_argument("--probe-prompts", type=int, default=24)
+    ap.add_argument("--max-steps", type=int, default=40)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="results/selection", help="pLLM cache + generation cache")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    tag = f"{args.corpus.replace('/', '_')}_{args.similarity:g}"
+    work = Path(args.work) / tag
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    base = load_model()
+    corpus = load_corpus(args.corpus)
+    roles = split_roles(corpus, seed=args.seed)
+    config = FinetuneConfig(max_steps=args.max_steps, seed=args.seed)
+    entries = build_cache(base, corpus, args.similarity, work / "cache", config, seed=args.seed)
+    cache = PLLMCache(work / "cache")
+    probe = ProbeConfig()
+    chat = bool(corpus.neutral[0].prompt)
+
+    # probe prompts from the test role: never seen by any pLLM in training
+    test_prompts = sorted({s.prompt for s in roles["test"].neutral if s.prompt})[: args.probe_prompts]
+    if chat:
+        prompts = test_prompts
+    else:  # prompt-less corpus: probe with prefixes of held-out neutral text
+        prompts = [" ".join(s.response.split()[:8]) for s in roles["test"].neutral][: args.probe_prompts]
+    base_answers = cached_json(
+        work / "base_answers.json",
+        lambda: generate(base.model, base.tokenizer, prompts, probe.max_new_tokens, probe.batch_size, chat=chat),
+    )
+    pllm_answers = {}
+    for e in entries:
+        pllm_answers[e.id] = cached_json(
+            work / f"answers_{e.id}.json",
+            lambda e=e: adapter_answers(base, cache.load_adapter(e.id), prompts, probe, chat=chat),
+        )
+
+    styles = list(corpus.styles)
+    users = [
+        (style, u, user_samples(roles["user"], style, args.user_samples, user_index=u, seed=args.seed))
+        for style in styles
+        for u in range(args.users_per_style)
+    ]
+    user_refs = _user_references(base, users, probe, work, chat)
+
+    results = {"config": vars(args), "n_users": len(users), "n_pllms": len(entries), "chance": 1 / len(entries),
+               "variants": {}}
+    label = {e.id: e.label for e in entries}
+    for name in args.variants:
+        summarizer = Summarizer(base, VARIANTS[name])
+        tv = time.perf_counter()
+        drifts = {e.id: summarizer.drift(base_answers, _nonempty(pllm_answers[e.id])) for e in entries}
+        basis = Basis(dim=summarizer.dim, summarizer=summarizer.fingerprint)
+        decs = [basis.decompose(d.vector, d.candidates, summarizer.subvector) for d in drifts.values()]
+        coords = dict(zip(drifts, basis.project_all([d.vector for d in drifts.values()]), strict=True))
+        raw = {i: d.vector for i, d in drifts.items()}
+        hits = {"basis": 0, "raw": 0}
+        per_user = []
+        for (style, u, _), (refs, styled) in zip(users, user_refs, strict=True):
+            d = summarizer.drift(refs, styled)
+            c_basis = nearest(basis.coordinates(d.vector), coords).ids[0]
+            c_raw = nearest(d.vector, raw).ids[0]
+            hits["basis"] += label[c_basis] == style
+            hits["raw"] += label[c_raw] == style
+            per_user.append({"style": style, "user": u, "basis_choice": label[c_basis], "raw_choice": label[c_raw]})
+        n = len(users)
+        results["variants"][name] = {
+            "accuracy": hits["basis"] / n,
+            "ci95": wilson(hits["basis"], n),
+            "raw_drift_accuracy": hits["raw"] / n,
+            "raw_ci95": wilson(hits["raw"], n),
+            "basis_size": basis.size,
+            "basis_words": basis.words,
+            "table2": report(decs),
+            "explanations": {label[i]: basis.explain(c) for i, c in coords.items()},
+            "seconds": time.perf_counter() - tv,
+            "per_user": per_user,
+        }
+        print(json.dumps({name: {k: v for k, v in results["variants"][name].items() if k != "per_user"}}), flush=True)
+    results["seconds"] = time.perf_counter() - t0
+    (out / f"selection_accuracy_{tag}.json").write_text(json.dumps(results, indent=2))
+    _plot(results, out / f"selection_accuracy_{tag}.png", tag)
+
+
+def _user_references(base, users, probe, work, chat):
+    """Base answers to each user's prompts (or base continuations of their texts' prefixes)."""
+    from xpert_fl.explain import _split_text
+
+    pairs = []
+    if chat:
+        prompts = sorted({s.prompt for _, _, samples in users for s in samples})
+        answers = cached_json(
+            work / "user_base_answers.json",
+            lambda: dict(zip(prompts, generate(base.model, base.tokenizer, prompts, probe.max_new_tokens,
+                                               probe.batch_size), strict=True)),
+        )
+        for _, _, samples in users:
+            pairs.append((_nonempty([answers[s.prompt] for s in samples]), [s.response for s in samples]))
+        return pairs
+    splits = [[_split_text(s.response, probe.prefix_fraction) for s in samples] for _, _, samples in users]
+    prefixes = sorted({p for sp in splits for p, _ in sp})
+    conts = cached_json(
+        work / "user_base_continuations.json",
+        lambda: dict(zip(prefixes, generate(base.model, base.tokenizer, prefixes, probe.max_new_tokens,
+                                            probe.batch_size, chat=False), strict=True)),
+    )
+    return [(_nonempty([conts[p] for p, _ in sp]), [r for _, r in sp]) for sp in splits]
+
+
+def _nonempty(texts):
+    return [t if t.strip() else "(no answer)" for t in texts]
+
+
+def _plot(results: dict, path: Path, tag: str) -> None:
+    names = list(results["variants"])
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 4))
+    x = np.arange(len(names))
+    for off, key, ci, lab in ((-0.18, "accuracy", "ci95", "basis coordinates (XPerT)"),
+                              (0.18, "raw_drift_accuracy", "raw_ci95", "raw drift vectors")):
+        vals = [results["variants"][n][key] for n in names]
+        lo = [v - results["variants"][n][ci][0] for n, v in zip(names, vals, strict=True)]
+        hi = [results["variants"][n][ci][1] - v for n, v in zip(names, vals, strict=True)]
+        ax.bar(x + off, vals, 0.34, yerr=[lo, hi], capsize=3, label=lab)
+    ax.axhline(results["chance"], color="grey", ls="--", label="chance")
+    ax.set_xticks(x, names, rotation=10)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("selection accuracy")
+    ax.set_title(f"{tag}: {results['n_users']} users, {results['n_pllms']} pLLMs (95% Wilson CI)")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

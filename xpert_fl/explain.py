@@ -1,0 +1,189 @@
+"""Explaining pLLMs on the server and users' data on the device, in one shared basis.
+
+Server (paper §3.1, §4): probe base and pLLM with the same prompts, embed their drift, decompose it
+over the common basis (growing it when needed) -> coordinates + words ("0.42 sarcastic · ...").
+Device (§3.2): embed the drift of the user's own texts from the base model's answers to the same
+prompts (or, for prompt-less text, base continuations of the same prefixes), and project it on the
+received basis without adding to it. Only the choice leaves the device.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from xpert_fl.adapters import Adapter
+from xpert_fl.basis import Basis, BasisError, Decomposition
+from xpert_fl.cache import PLLMCache
+from xpert_fl.data.corpus import Sample
+from xpert_fl.models import LoadedModel
+from xpert_fl.probe import generate
+from xpert_fl.summarizer import Drift, Summarizer
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How models are probed. Paper: 50 Alpaca prompts; CPU default: fewer, shorter answers."""
+
+    max_new_tokens: int = 48
+    batch_size: int = 8
+    prefix_fraction: float = 0.3  # prompt-less text: the share of words given to the base as prefix
+
+
+@dataclass
+class Explanation:
+    """A pLLM (or a user's data) in the basis: coordinates, words, readable text, and the raw drift."""
+
+    coords: np.ndarray
+    words: list[str]
+    text: str
+    drift: Drift
+    decomposition: Decomposition | None = None  # server side only: how the basis grew
+
+
+class Explainer:
+    """Server side: explains adapters over a fixed probe set; base answers are computed once."""
+
+    def __init__(self, base: LoadedModel, summarizer: Summarizer, prompts: Sequence[str], probe: ProbeConfig):
+        if not prompts:
+            raise ValueError("at least one probe prompt is needed")
+        self.base, self.summarizer, self.prompts, self.probe = base, summarizer, list(prompts), probe
+        self._base_answers: list[str] | None = None
+
+    @property
+    def base_answers(self) -> list[str]:
+        if self._base_answers is None:
+            self._base_answers = self._answers(self.base.model)
+        return self._base_answers
+
+    def _answers(self, model) -> list[str]:
+        p = self.probe
+        return generate(model, self.base.tokenizer, self.prompts, p.max_new_tokens, p.batch_size)
+
+    def pllm_answers(self, adapter: Adapter) -> list[str]:
+        return adapter_answers(self.base, adapter, self.prompts, self.probe)
+
+    def drift(self, adapter: Adapter) -> Drift:
+        return self.summarizer.drift(self.base_answers, _nonempty(self.pllm_answers(adapter)))
+
+    def explain(self, adapter: Adapter, basis: Basis) -> Explanation:
+        """Drift -> Algorithm 1 on the shared basis (which may grow) -> coordinates and words."""
+        _check_basis(basis, self.summarizer)
+        d = self.drift(adapter)
+        dec = basis.decompose(d.vector, d.candidates, self.summarizer.subvector)
+        return Explanation(dec.coords, list(basis.words), basis.explain(dec.coords), d, dec)
+
+
+def adapter_answers(
+    base: LoadedModel, adapter: Adapter, prompts: Sequence[str], probe: ProbeConfig, chat: bool = True
+) -> list[str]:
+    """A pLLM's greedy answers (or plain continuations) to ``prompts``; ``base.model`` is left untouched."""
+    model = adapter.to_peft(copy.deepcopy(base.model))
+    return generate(model, base.tokenizer, prompts, probe.max_new_tokens, probe.batch_size, chat=chat)
+
+
+def user_drift(base: LoadedModel, summarizer: Summarizer, samples: Sequence[Sample], probe: ProbeConfig) -> Drift:
+    """Drift of a user's own texts from what the base model writes in their place (like with like)."""
+    if not samples:
+        raise ValueError("user data is empty: at least one sample is needed to compute coordinates")
+    chat = [s for s in samples if s.prompt]
+    plain = [s for s in samples if not s.prompt]
+    refs, styled = [], []
+    if chat:
+        refs += generate(base.model, base.tokenizer, [s.prompt for s in chat], probe.max_new_tokens, probe.batch_size)
+        styled += [s.response for s in chat]
+    if plain:
+        prefixes, rests = zip(*(_split_text(s.response, probe.prefix_fraction) for s in plain), strict=True)
+        conts = generate(
+            base.model, base.tokenizer, list(prefixes), probe.max_new_tokens, probe.batch_size, chat=False
+        )
+        refs += conts
+        styled += list(rests)
+    return summarizer.drift(_nonempty(refs), styled)
+
+
+def user_coordinates(
+    base: LoadedModel, summarizer: Summarizer, basis: Basis, samples: Sequence[Sample], probe: ProbeConfig
+) -> Explanation:
+    """The device's coordinates: its drift projected on the received basis (the basis is not changed)."""
+    _check_basis(basis, summarizer)
+    d = user_drift(base, summarizer, samples, probe)
+    coords = basis.coordinates(d.vector)
+    return Explanation(coords, list(basis.words), basis.explain(coords), d)
+
+
+def _check_basis(basis: Basis, summarizer: Summarizer) -> None:
+    if basis.summarizer and basis.summarizer != summarizer.fingerprint:
+        raise BasisError(
+            f"basis was built with summarizer {basis.summarizer}, not {summarizer.fingerprint}: "
+            "coordinates from different summarizers are not comparable"
+        )
+    if basis.dim != summarizer.dim:
+        raise BasisError(f"basis dimension {basis.dim} != summarizer hidden size {summarizer.dim}")
+
+
+def _split_text(text: str, fraction: float) -> tuple[str, str]:
+    words = text.split()
+    cut = max(1, min(len(words) - 1, round(fraction * len(words))))
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+def _nonempty(texts: Sequence[str]) -> list[str]:
+    # A model may answer with nothing (immediate end of turn); the summarizer needs some text.
+    return [t if t.strip() else "(no answer)" for t in texts]
+
+
+# --- server state: the basis and every pLLM's drift live next to the cache -----------------------
+BASIS_FILE = "basis.safetensors"
+DRIFTS_FILE = "drifts.safetensors"
+
+
+def load_drifts(path: Path) -> dict[str, np.ndarray]:
+    return load_file(path) if path.is_file() else {}
+
+
+def save_drifts(path: Path, drifts: dict[str, np.ndarray]) -> None:
+    """Atomically rewrite the drift store (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in drifts.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def open_basis(root: Path, summarizer: Summarizer, tau_orth: float, tau_res: float, orthogonalize: bool) -> Basis:
+    """The cache's basis, or a new empty one for this summarizer."""
+    path = root / BASIS_FILE
+    if path.is_file():
+        return Basis.load(path, expect_summarizer=summarizer.fingerprint)
+    return Basis(
+        dim=summarizer.dim, tau_orth=tau_orth, tau_res=tau_res, summarizer=summarizer.fingerprint,
+        orthogonalize=orthogonalize,
+    )
+
+
+def explain_cache(
+    cache: PLLMCache, explainer: Explainer, basis: Basis, ids: Sequence[str] | None = None, progress: bool = True
+) -> dict[str, Decomposition]:
+    """Explain cache entries that have no drift yet (Algorithm 1, sequentially), then re-project every
+    entry on the final basis so all coordinates share its words; persist basis, drifts, explanations."""
+    root = Path(cache.root)
+    drifts = load_drifts(root / DRIFTS_FILE)
+    todo = [e.id for e in cache.entries() if e.id not in drifts and (ids is None or e.id in ids)]
+    decompositions = {}
+    for entry_id in tqdm(todo, desc="explain pLLMs", disable=not progress):
+        d = explainer.drift(cache.load_adapter(entry_id))
+        decompositions[entry_id] = basis.decompose(d.vector, d.candidates, explainer.summarizer.subvector)
+        drifts[entry_id] = d.vector
+    basis.save(root / BASIS_FILE)
+    save_drifts(root / DRIFTS_FILE, drifts)
+    for entry in cache.entries():
+        if entry.id in drifts:
+            coords = basis.coordinates(drifts[entry.id])
+            cache.set_explanation(entry.id, coords.tolist(), list(basis.words), basis.explain(coords))
+    return decompositions
