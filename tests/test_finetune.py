@@ -269,3 +269,19 @@ def test_base_model_is_left_untouched(base, base_checksum, scratch):
     assert {n: p.requires_grad for n, p in base.model.named_parameters()} == flags
     assert not any("lora" in name for name, _ in base.model.named_modules())
     assert not hasattr(base.model, "peft_config")
+
+
+@pytest.mark.slow
+def test_protocol_on_a_real_style(base):
+    """Default config, 24 user samples: scratch finds its best, then its own adapter starts below the target."""
+    roles = split_roles(load_corpus("builtin"), seed=0)
+    train, test = roles["user"].styles["concise"][:24], roles["test"].styles["concise"][:8]
+    cfg = FinetuneConfig(max_steps=30, threads=1)
+    scratch = finetune(base, train, test, cfg, progress=False)
+    assert scratch.best_test_loss < scratch.start_loss - 0.2 and scratch.best_step > 0
+    target = target_from_scratch(scratch)
+    assert 0 < with_target(scratch, target).steps_to_target <= scratch.best_step
+    cached = finetune(
+        base, train, test, FinetuneConfig(**{**cfg.to_json(), "target_loss": target}), start=scratch.adapter
+    )
+    assert cached.steps_to_target == 0 and cached.start_loss == pytest.approx(scratch.best_test_loss, abs=1e-5)

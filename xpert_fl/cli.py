@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from xpert_fl.cache import CacheError
 from xpert_fl.data.corpus import BUILTIN, NEUTRAL, CorpusError, corpus_stats, load_corpus
@@ -155,15 +156,15 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default, end to end, as far as the product goes today."""
-    print(f"== model: {args.spec}")
-    start = time.perf_counter()
-    loaded = load_model(args.spec)
-    print(f"loaded from {loaded.source} in {loaded.load_seconds:.1f}s "
-          f"({loaded.num_parameters() / 1e6:.0f}M parameters)")
-    print("\n== built-in corpus")
-    cmd_corpus_show(argparse.Namespace(corpus="builtin", examples=False))
-    print(f"\ndemo finished in {time.perf_counter() - start:.1f}s")
+    """The main job on the embedded default, end to end (see simulations/quickstart.py)."""
+    from simulations.quickstart import QuickstartConfig, print_table, run
+
+    cfg = QuickstartConfig(spec=args.spec, out=args.out)
+    rows = run(cfg)
+    print_table(rows)
+    summary = json.loads((Path(cfg.out) / "summary.json").read_text())
+    print(f"\nselection accuracy {summary['accuracy']:.2f} over {len(rows)} users; basis of {summary['basis_size']}"
+          f" words; {summary['seconds']:.0f}s in all; results in {cfg.out}/")
     return 0
 
 
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the main job end to end on the embedded default")
     p.add_argument("--spec", default=DEFAULT_SPEC)
+    p.add_argument("--out", default="results/quickstart", help="results folder")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from xpert_fl.layerwise import LayerwiseRunner
 from xpert_fl.models import LoadedModel
 
 INSTRUCTION = (
@@ -71,8 +72,12 @@ class Drift:
 class Summarizer:
     """Wraps a loaded summarization LLM; computes drift embeddings, candidate words and word vectors."""
 
-    def __init__(self, loaded: LoadedModel, config: SummarizerConfig | None = None):
+    def __init__(
+        self, loaded: LoadedModel, config: SummarizerConfig | None = None, runner: LayerwiseRunner | None = None
+    ):
+        """``runner``: memory-capped mode (paper §5.1), S run one decoder layer at a time; same vectors."""
         self.loaded = loaded
+        self.runner = runner
         self.config = config or SummarizerConfig()
         self.tokenizer = loaded.tokenizer
         self.model = loaded.model
@@ -118,10 +123,15 @@ class Summarizer:
                 enc = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
                 mask = enc["attention_mask"]
                 position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-                out = self.model.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position_ids)
-                hidden = out.last_hidden_state  # post final norm: the input of the output layer
-                last = hidden[:, -1, :]
-                probs.append(torch.softmax(self.model.lm_head(last).float(), dim=-1))
+                if self.runner is None:
+                    out = self.model.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position_ids)
+                    hidden = out.last_hidden_state  # post final norm: the input of the output layer
+                    last = hidden[:, -1, :]
+                    probs.append(torch.softmax(self.model.lm_head(last).float(), dim=-1))
+                else:
+                    hidden = self.runner.hidden_states(enc["input_ids"], mask, position_ids)
+                    last = hidden[:, -1, :]
+                    probs.append(self.runner.next_token_probs(last))
                 if pool_from is None:
                     vecs.append(last.float())
                 else:
