@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from xpert_fl.basis import Basis, report  # noqa: E402
 from xpert_fl.cache import PLLMCache  # noqa: E402
-from xpert_fl.data import load_corpus, split_roles, user_samples  # noqa: E402
+from xpert_fl.data import load_corpus, similarity_mixture, split_roles, user_samples  # noqa: E402
 from xpert_fl.explain import ProbeConfig, adapter_answers  # noqa: E402
 from xpert_fl.finetune import FinetuneConfig  # noqa: E402
 from xpert_fl.models import load_model  # noqa: E402
@@ -72,7 +72,10 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", default="results/selection", help="pLLM cache + generation cache")
+    ap.add_argument("--work", default="results/selection", help="generation cache")
+    ap.add_argument("--cache", default=None, help="pLLM cache to build into / reuse (default: under --work)")
+    ap.add_argument("--self-reported", type=int, default=24,
+                    help="also score pLLM coordinates self-reported from this many of their training samples (0: off)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
@@ -87,8 +90,9 @@ def main() -> None:
     corpus = load_corpus(args.corpus)
     roles = split_roles(corpus, seed=args.seed)
     config = FinetuneConfig(max_steps=args.max_steps, seed=args.seed)
-    entries = build_cache(base, corpus, args.similarity, work / "cache", config, seed=args.seed)
-    cache = PLLMCache(work / "cache")
+    cache_dir = Path(args.cache) if args.cache else work / "cache"
+    entries = build_cache(base, corpus, args.similarity, cache_dir, config, seed=args.seed)
+    cache = PLLMCache(cache_dir)
     probe = ProbeConfig()
     chat = bool(corpus.neutral[0].prompt)
 
@@ -116,6 +120,11 @@ def main() -> None:
         for u in range(args.users_per_style)
     ]
     user_refs = _user_references(base, users, probe, work, chat)
+    own = []  # self-reported: each pLLM's own training data, as its uploader would embed it
+    if args.self_reported:
+        own = [(e.label, 0, similarity_mixture(roles["cloud"], e.label, args.similarity, seed=args.seed)
+                [: args.self_reported]) for e in entries]
+        own_refs = _user_references(base, own, probe, work, chat, name="own")
 
     results = {"config": vars(args), "n_users": len(users), "n_pllms": len(entries), "chance": 1 / len(entries),
                "variants": {}}
@@ -130,19 +139,34 @@ def main() -> None:
         raw = {i: d.vector for i, d in drifts.items()}
         hits = {"basis": 0, "raw": 0}
         per_user = []
-        for (style, u, _), (refs, styled) in zip(users, user_refs, strict=True):
-            d = summarizer.drift(refs, styled)
+        user_drifts = [summarizer.drift(refs, styled) for refs, styled in user_refs]
+        for (style, u, _), d in zip(users, user_drifts, strict=True):
             c_basis = nearest(basis.coordinates(d.vector), coords).ids[0]
             c_raw = nearest(d.vector, raw).ids[0]
             hits["basis"] += label[c_basis] == style
             hits["raw"] += label[c_raw] == style
             per_user.append({"style": style, "user": u, "basis_choice": label[c_basis], "raw_choice": label[c_raw]})
+        if own:
+            own_d = {e.id: summarizer.drift(*refs) for e, refs in zip(entries, own_refs, strict=True)}
+            own_drift = {i: d.vector for i, d in own_d.items()}
+            own_basis = Basis(dim=summarizer.dim, summarizer=summarizer.fingerprint)
+            for d in own_d.values():
+                own_basis.decompose(d.vector, d.candidates, summarizer.subvector)
+            own_coords = dict(zip(own_drift, own_basis.project_all(list(own_drift.values())), strict=True))
+            # the server's check of a self-report: its probe drift must be nearest to that pLLM's own report
+            verified = sum(nearest(drifts[i].vector, own_drift).ids[0] == i for i in own_drift)
+            hits["self-reported"] = 0
+            for (style, _, _), d in zip(users, user_drifts, strict=True):
+                hits["self-reported"] += label[nearest(own_basis.coordinates(d.vector), own_coords).ids[0]] == style
         n = len(users)
         results["variants"][name] = {
             "accuracy": hits["basis"] / n,
             "ci95": wilson(hits["basis"], n),
             "raw_drift_accuracy": hits["raw"] / n,
             "raw_ci95": wilson(hits["raw"], n),
+            **({"self_reported_accuracy": hits["self-reported"] / n,
+                "self_reported_ci95": wilson(hits["self-reported"], n),
+                "self_reports_verified_by_probe": verified / len(entries)} if own else {}),
             "basis_size": basis.size,
             "basis_words": basis.words,
             "table2": report(decs),
@@ -156,7 +180,7 @@ def main() -> None:
     _plot(results, out / f"selection_accuracy_{tag}.png", tag)
 
 
-def _user_references(base, users, probe, work, chat):
+def _user_references(base, users, probe, work, chat, name="user"):
     """Base answers to each user's prompts (or base continuations of their texts' prefixes)."""
     from xpert_fl.explain import _split_text
 
@@ -164,7 +188,7 @@ def _user_references(base, users, probe, work, chat):
     if chat:
         prompts = sorted({s.prompt for _, _, samples in users for s in samples})
         answers = cached_json(
-            work / "user_base_answers.json",
+            work / f"{name}_base_answers.json",
             lambda: dict(zip(prompts, generate(base.model, base.tokenizer, prompts, probe.max_new_tokens,
                                                probe.batch_size), strict=True)),
         )
@@ -174,7 +198,7 @@ def _user_references(base, users, probe, work, chat):
     splits = [[_split_text(s.response, probe.prefix_fraction) for s in samples] for _, _, samples in users]
     prefixes = sorted({p for sp in splits for p, _ in sp})
     conts = cached_json(
-        work / "user_base_continuations.json",
+        work / f"{name}_base_continuations.json",
         lambda: dict(zip(prefixes, generate(base.model, base.tokenizer, prefixes, probe.max_new_tokens,
                                             probe.batch_size, chat=False), strict=True)),
     )

@@ -84,6 +84,7 @@ class Summarizer:
         self._word_vocab = _word_vocabulary(self.tokenizer)
         self._null: dict[tuple[str, ...], np.ndarray] = {}
         self._word_center: np.ndarray | None = None
+        self._subvectors: dict[str, np.ndarray] = {}  # a word's sub-vector never changes for one summarizer
 
     @property
     def fingerprint(self) -> str:
@@ -191,7 +192,9 @@ class Summarizer:
         the mean vector of common style adjectives (the shared component) is subtracted."""
         if self._word_center is None:
             self._word_center = self.word_vectors(REFERENCE_WORDS).mean(0)
-        return (self.word_vectors([word])[0] - self._word_center).astype(np.float32)
+        if word not in self._subvectors:
+            self._subvectors[word] = (self.word_vectors([word])[0] - self._word_center).astype(np.float32)
+        return self._subvectors[word]
 
     def word_vectors(self, words: Sequence[str], progress: bool = False) -> np.ndarray:
         prompts = [self._chat(WORD_PROMPT.format(word=w)) for w in words]
