@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--probe-prompts", type=int, default=24)
     ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--styles", nargs="*", default=None, help="pLLM styles in build order (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="results/selection", help="generation cache")
     ap.add_argument("--cache", default=None, help="pLLM cache to build into / reuse (default: under --work)")
@@ -91,7 +92,7 @@ def main() -> None:
     roles = split_roles(corpus, seed=args.seed)
     config = FinetuneConfig(max_steps=args.max_steps, seed=args.seed)
     cache_dir = Path(args.cache) if args.cache else work / "cache"
-    entries = build_cache(base, corpus, args.similarity, cache_dir, config, seed=args.seed)
+    entries = build_cache(base, corpus, args.similarity, cache_dir, config, styles=args.styles, seed=args.seed)
     cache = PLLMCache(cache_dir)
     probe = ProbeConfig()
     chat = bool(corpus.neutral[0].prompt)

@@ -6,7 +6,7 @@ modules win over the config, every LoRA tensor of it is trainable). Everything e
 batches, evaluation schedule, stop rules) is the same for every start point, so "steps to target"
 compares fairly.
 
-Protocol (paper §7, DESIGN item 10):
+Protocol (DESIGN item 10):
 
 1. Fine-tune from the base (``start=None``) with no target: it runs until the held-out loss stops
    improving (``patience`` evaluations without improvement), ``max_steps`` or ``max_seconds``.
@@ -39,7 +39,7 @@ Details that matter for the numbers:
   a process can fine-tune any number of times from one loaded base.
 * Costs: ``seconds`` is wall time including evaluations, ``train_seconds`` only optimizer steps;
   ``tokens_per_second`` = non-pad tokens through forward+backward / ``train_seconds``.
-  ``peak_memory_mb`` is process RSS (see :func:`_PeakRSS`); energy is a RAPL reading when
+  ``peak_memory_mb`` is the process RSS peak during the run (``_PeakRSS``); energy is a RAPL reading when
   ``/sys/class/powercap/intel-rapl:0/energy_uj`` is readable, else an estimate
   (process CPU seconds x :data:`DEFAULT_WATTS_PER_CORE`), see :class:`EnergyMeter`.
 """
@@ -428,7 +428,8 @@ class FinetuneResult:
 
     To-target fields (``steps_to_target``, ``seconds_to_target``, ``train_seconds_to_target``,
     ``samples_consumed``, ``energy_joules_to_target``) are read at the first evaluation at or below
-    ``target_loss``; unreached: ``steps_to_target`` None and the others are the whole run's.
+    ``target_loss``. Unreached (or no target): all ``*_to_target`` fields are None and
+    ``samples_consumed`` is the whole run's; the whole-run costs are ``steps``, ``seconds``, ``energy_joules``.
     ``history`` has one :class:`EvalPoint` per evaluation, step 0 first.
     """
 

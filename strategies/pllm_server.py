@@ -1,0 +1,114 @@
+"""The server's pLLM side, framework-free: the cache, the common basis, the explainer.
+
+It answers three questions for the strategy: what to offer devices (basis + every explained pLLM's
+coordinates), which adapters a choice needs, and what to do with an upload (validate, cache with its
+parents, probe + explain it — growing the basis when needed — and re-project every pLLM on the
+basis). The cache directory holds everything that persists across rounds and runs: the SQLite index,
+the adapters, ``basis.safetensors`` and ``drifts.safetensors``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xpert_fl.adapters import Adapter, validate_adapter
+from xpert_fl.basis import Basis
+from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
+from xpert_fl.data import load_corpus, split_roles
+from xpert_fl.explain import Explainer, ProbeConfig, explain_cache, open_basis
+from xpert_fl.models import load_model
+from xpert_fl.probe import probe_prompts
+from xpert_fl.summarizer import Summarizer
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """The outcome of one upload: its cache entry, whether it was already cached, what it cost."""
+
+    entry: CacheEntry
+    duplicate: bool
+    added_words: list[str]
+    explain_seconds: float
+
+
+class PLLMServer:
+    """Cache + basis + explainer. ``explainer`` needs ``drift(adapter)`` and ``summarizer.subvector``."""
+
+    def __init__(self, cache: PLLMCache, basis: Basis, explainer: Explainer):
+        self.cache, self.basis, self.explainer = cache, basis, explainer
+
+    @classmethod
+    def open(
+        cls,
+        cache_dir: str | Path,
+        model: str,
+        summarizer: str,
+        *,
+        corpus: str = "builtin",
+        num_probe_prompts: int = 50,
+        probe: ProbeConfig | None = None,
+        tau_orth: float = 0.1,
+        tau_res: float = 0.2,
+        orthogonalize: bool = True,
+        seed: int = 0,
+    ) -> PLLMServer:
+        """Load the models (once), open or create the cache and its basis, explain what is unexplained.
+
+        Probe prompts come from the corpus's *test* role, disjoint from every user's data.
+        """
+        base = load_model(model)
+        summ = Summarizer(base if summarizer == model else load_model(summarizer))
+        cache = PLLMCache(cache_dir, BaseInfo.from_loaded(base))
+        basis = open_basis(cache.root, summ, tau_orth, tau_res, orthogonalize)
+        prompts = probe_prompts(num_probe_prompts, split_roles(load_corpus(corpus), seed=seed)["test"], seed=seed)
+        server = cls(cache, basis, Explainer(base, summ, prompts, probe or ProbeConfig()))
+        server.explain_pending()
+        return server
+
+    # --- what devices see ------------------------------------------------------------------------
+    def explain_pending(self) -> int:
+        """Explain cached pLLMs that have no drift yet (e.g. a freshly built cloud cache)."""
+        return len(explain_cache(self.cache, self.explainer, self.basis, progress=False))
+
+    def offer(self) -> tuple[list[str], np.ndarray]:
+        """Ids of the explained pLLMs (creation order) and their coordinates on the current basis (n x k)."""
+        ids, rows = [], []
+        for e in self.cache.entries():
+            if e.coords is None:
+                continue
+            c = np.zeros(self.basis.size)
+            c[: len(e.coords)] = e.coords[: self.basis.size]
+            ids.append(e.id)
+            rows.append(c)
+        return ids, np.array(rows, dtype=np.float64).reshape(len(ids), self.basis.size)
+
+    def adapter(self, id: str) -> Adapter:
+        return self.cache.load_adapter(id)
+
+    def label(self, id: str) -> str | None:
+        return self.cache.get(id).label
+
+    # --- uploads ---------------------------------------------------------------------------------
+    def ingest(self, adapter: Adapter, parents: list[str], metrics: dict, label: str | None) -> Ingested:
+        """Validate, cache (parents = the chosen ids), probe + explain (may grow the basis).
+
+        All or nothing: an adapter that fails validation is never written; one whose explanation fails
+        is removed again. Content already cached is returned as is (``duplicate=True``).
+        """
+        base = self.cache.base
+        validate_adapter(adapter, base.fingerprint, base.shapes, max_bytes=self.cache.max_bytes)
+        if adapter.content_hash in self.cache:
+            return Ingested(self.cache.get(adapter.content_hash), True, [], 0.0)
+        entry = self.cache.add(adapter, parents=parents, metrics=metrics, label=label)
+        t0 = time.perf_counter()
+        try:
+            decs = explain_cache(self.cache, self.explainer, self.basis, ids=[entry.id], progress=False)
+        except BaseException:
+            self.cache.remove(entry.id)
+            raise
+        added = decs[entry.id].added if entry.id in decs else []
+        return Ingested(self.cache.get(entry.id), False, list(added), time.perf_counter() - t0)

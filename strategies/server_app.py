@@ -1,0 +1,45 @@
+"""The XPerT ServerApp: `flwr run .` loads ``strategies.server_app:app``.
+
+It reads the run config (``XPerTConfig``), opens (or creates) the pLLM cache and its basis, explains
+any pLLM not yet explained (e.g. the cloud pLLMs of ``xpert cache build``), runs the rounds of
+``XPerTStrategy`` and writes the results folder (``simulations.results``) after every round.
+
+Relative ``results-dir`` / ``cache-dir`` are resolved against the ServerApp's working directory (the
+directory the SuperLink was started in); `xpert simulate` passes absolute paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from simulations.results import ResultsWriter
+from strategies.pllm_server import PLLMServer
+from strategies.xpert import XPerTConfig, XPerTStrategy
+from xpert_fl.explain import ProbeConfig
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = XPerTConfig.from_run_config(context.run_config)
+    out = Path(cfg.results_dir).expanduser().resolve()
+    cache_dir = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else out / "cache"
+    writer = ResultsWriter(out, context.run_config, cache_dir)
+    server = PLLMServer.open(
+        cache_dir,
+        cfg.model,
+        cfg.summarizer,
+        corpus=cfg.corpus,
+        num_probe_prompts=cfg.num_probe_prompts,
+        probe=ProbeConfig(max_new_tokens=cfg.probe_max_new_tokens, batch_size=cfg.probe_batch_size),
+        tau_orth=cfg.tau_orth,
+        tau_res=cfg.tau_res,
+        orthogonalize=cfg.orthogonalize,
+        seed=cfg.seed,
+    )
+    writer.start(server)
+    XPerTStrategy(cfg, server, on_round=writer.on_round).start(grid)

@@ -1,0 +1,405 @@
+"""XPerTStrategy: a Flower server strategy in which aggregation is replaced by pLLM caching.
+
+One XPerT round (paper Fig. 3), for the users (nodes) arriving this round:
+
+1. ``configure_select``: each gets the basis and the cached pLLMs' ids + coordinates (``query.select``).
+2. ``aggregate_select``: each replies with its choice only (one id, ids + merge weights, or the base).
+3. ``configure_train``: each gets exactly the adapter(s) it chose (``train``).
+4. ``aggregate_train``: each upload is validated, probed, explained (the basis grows when needed) and
+   cached with the chosen ids as parents.
+
+Replies that fail, time out or are invalid are recorded (``UserRound.status``) and skipped; the round
+goes on. Every method is a pure step over messages, so the round logic runs without Flower running
+(tests feed it fake replies); ``start`` wires the steps to a ``Grid``. Each method also accounts the
+bytes of every message it creates or receives, per device and kind (``strategies.protocol``).
+
+Nodes are identified to the server by an opaque user id they announce once (``query.register``);
+sampling is a seeded permutation of the registered users, consumed round by round (users *arrive*),
+so a run is reproducible from its seed even though Flower's node ids are random.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from strategies import protocol
+from strategies.pllm_server import PLLMServer
+from xpert_fl.adapters import AdapterError
+from xpert_fl.cache import CacheError
+from xpert_fl.select import Choice
+
+LOG = logging.getLogger("flwr.xpert")
+
+
+# --- configuration ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class XPerTConfig:
+    """Every knob of a run; ``from_run_config`` reads the Flower run config (pyproject defaults +
+    ``--run-config`` overrides). Field ``foo_bar`` is run-config key ``foo-bar``."""
+
+    num_server_rounds: int = 2
+    users_per_round: int = 0  # 0: every registered user, every round
+    min_nodes: int = 2  # wait for this many connected nodes before the first round
+    timeout: float = 1800.0  # seconds to wait for the replies of one phase
+    seed: int = 0
+    model: str = "smollm2-135m-instruct"
+    summarizer: str = "smollm2-135m-instruct"
+    corpus: str = "builtin"
+    cache_dir: str = ""  # "": <results-dir>/cache
+    results_dir: str = "results/flower"
+    num_probe_prompts: int = 8
+    probe_max_new_tokens: int = 24
+    probe_batch_size: int = 8
+    tau_orth: float = 0.1
+    tau_res: float = 0.2
+    orthogonalize: bool = True
+    merge_delta: float = math.inf  # L1 distance above which a merge is tried; inf: never merge
+    max_parents: int = 3
+    max_steps: int = 12
+    lr: float = 3e-3
+    rank: int = 8
+    alpha: float = 16.0
+    batch_size: int = 2
+    max_seq_len: int = 128
+    eval_every: int = 2
+    patience: int = 3
+    target_loss: float = 0.0  # > 0: stop at this held-out loss; ignored when compare-scratch sets one
+    compare_scratch: bool = True  # devices also fine-tune from the base model to measure savings
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping) -> XPerTConfig:
+        values = {}
+        for name, f in cls.__dataclass_fields__.items():
+            key = name.replace("_", "-")
+            if key not in run_config:
+                continue
+            kind = type(f.default)
+            raw = run_config[key]
+            values[name] = bool(raw) if kind is bool else kind(raw)
+        cfg = cls(**values)
+        if cfg.num_server_rounds < 1 or cfg.users_per_round < 0 or cfg.min_nodes < 1 or cfg.max_parents < 1:
+            raise ValueError("num-server-rounds, min-nodes and max-parents must be >= 1, users-per-round >= 0")
+        if not cfg.merge_delta >= 0:
+            raise ValueError(f"merge-delta must be >= 0 (inf: never merge), got {cfg.merge_delta}")
+        return cfg
+
+    def finetune_fields(self) -> dict:
+        """The fine-tuning budget sent to devices (FinetuneConfig field names)."""
+        return {
+            "max_steps": self.max_steps, "lr": self.lr, "rank": self.rank, "alpha": self.alpha,
+            "batch_size": self.batch_size, "eval_batch_size": max(self.batch_size, 4),
+            "max_seq_len": self.max_seq_len, "eval_every": self.eval_every, "patience": self.patience,
+            "target_loss": self.target_loss if self.target_loss > 0 else None, "seed": self.seed,
+        }
+
+    def probe_fields(self) -> dict:
+        return {"max_new_tokens": self.probe_max_new_tokens, "batch_size": self.probe_batch_size}
+
+
+# --- what happened to one user in one round (one JSONL line) ---------------------------------------
+@dataclass
+class UserRound:
+    round: int
+    node_id: int
+    user: str
+    label: str | None  # the user's evaluation label (reported by the device; None if not reported)
+    status: str = "pending"  # ok | duplicate | select-error | select-timeout | select-invalid | train-...
+    error: str | None = None
+    offered: int = 0  # pLLMs offered
+    basis_size: int = 0  # words of the basis sent
+    choice: str | None = None  # single | merge | base
+    chosen: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    chosen_labels: list[str | None] = field(default_factory=list)
+    chosen_label: str | None = None  # label of the heaviest parent ("base" for the base model)
+    distance: float | None = None  # L1 to the chosen coordinate (None: nothing was offered)
+    correct: bool | None = None  # chosen_label == label (None: unknown label or nothing offered)
+    new_id: str | None = None
+    explanation: str | None = None
+    added_words: list[str] = field(default_factory=list)
+    explain_seconds: float | None = None
+    finetune: dict = field(default_factory=dict)  # the device's cost metrics
+    bytes: dict = field(default_factory=lambda: {k: 0 for k in protocol.KINDS})
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(self.bytes[k] for k in protocol.DOWN_KINDS)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(self.bytes[k] for k in protocol.UP_KINDS)
+
+    def fail(self, status: str, error: str) -> None:
+        self.status, self.error = status, error
+        LOG.warning("round %s %s: %s (%s)", self.round, self.user, status, error)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["bytes_received"], d["bytes_sent"] = self.bytes_received, self.bytes_sent
+        return d
+
+
+@dataclass
+class RoundResult:
+    round: int
+    users: list[UserRound]
+    cache_size: int
+    basis_size: int
+    basis_words: list[str]
+    seconds: float
+
+
+def _natural(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _reply_error(reply: Message) -> str:
+    return f"device error {reply.error.code}: {reply.error.reason}"
+
+
+# --- the strategy -----------------------------------------------------------------------------------
+class XPerTStrategy:
+    """Caching and explaining instead of aggregating. ``on_round`` is called with each RoundResult."""
+
+    def __init__(
+        self, config: XPerTConfig, server: PLLMServer, on_round: Callable[[RoundResult], None] | None = None
+    ):
+        self.config, self.server, self.on_round = config, server, on_round
+        self.users: dict[int, tuple[str, str | None]] = {}  # node id -> (user id, label)
+        self.history: list[RoundResult] = []
+        self._register_bytes: dict[int, tuple[int, int]] = {}  # not yet attributed to a round
+        self._pending: dict[int, tuple[Message, UserRound]] = {}  # node -> (sent message, record)
+        self._current: dict[int, UserRound] = {}
+        self._offer: tuple[list[str], object] | None = None
+
+    def summary(self) -> None:
+        c = self.config
+        LOG.info(
+            "XPerTStrategy: %s round(s), %s user(s)/round, delta=%s, probe %s prompts x %s tokens, "
+            "fine-tuning <= %s steps; cache %s (%s pLLMs, basis %s words)",
+            c.num_server_rounds, c.users_per_round or "all", c.merge_delta, c.num_probe_prompts,
+            c.probe_max_new_tokens, c.max_steps, self.server.cache.root, len(self.server.cache),
+            self.server.basis.size,
+        )
+
+    # --- registration ----------------------------------------------------------------------------
+    def configure_register(self, node_ids: Iterable[int]) -> list[Message]:
+        """A tiny ``query.register`` to every node not registered yet."""
+        msgs = [
+            Message(protocol.register_request(), dst_node_id=n, message_type=protocol.REGISTER, group_id="0")
+            for n in sorted(node_ids) if n not in self.users
+        ]
+        self._pending = {m.metadata.dst_node_id: (m, None) for m in msgs}
+        return msgs
+
+    def aggregate_register(self, replies: Iterable[Message]) -> list[int]:
+        """Record each node's user id; failed nodes stay unregistered (retried next round)."""
+        sent, self._pending = self._pending, {}
+        done = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node not in sent:
+                continue
+            if reply.has_error():
+                LOG.warning("node %s: registration failed (%s)", node, _reply_error(reply))
+                continue
+            try:
+                user, label = protocol.parse_register(reply.content)
+            except protocol.ProtocolError as err:
+                LOG.warning("node %s: invalid registration (%s)", node, err)
+                continue
+            self.users[node] = (user, label)
+            self._register_bytes[node] = (protocol.message_bytes(sent[node][0]), protocol.message_bytes(reply))
+            done.append(node)
+        return done
+
+    # --- sampling --------------------------------------------------------------------------------
+    def arrival_order(self) -> list[int]:
+        """Registered nodes in a seeded permutation of their user ids (reproducible across runs)."""
+        nodes = sorted(self.users, key=lambda n: (_natural(self.users[n][0]), n))
+        random.Random(self.config.seed).shuffle(nodes)
+        return nodes
+
+    def sample(self, server_round: int, node_ids: Iterable[int]) -> list[int]:
+        """The users arriving in ``server_round``: the next window of the arrival order (cyclic)."""
+        online = set(node_ids)
+        order = [n for n in self.arrival_order() if n in online]
+        k = self.config.users_per_round
+        if not order or k == 0 or k >= len(order):
+            return order
+        start = ((server_round - 1) * k) % len(order)
+        return [order[(start + i) % len(order)] for i in range(k)]
+
+    # --- select ----------------------------------------------------------------------------------
+    def configure_select(self, server_round: int, node_ids: Iterable[int]) -> list[Message]:
+        """``query.select`` to each sampled node: basis + coordinates + ids of every explained pLLM."""
+        ids, coords = self.server.offer()
+        self._offer = (ids, coords)
+        req = protocol.SelectRequest(
+            self.server.basis, tuple(ids), coords, self.config.merge_delta, self.config.max_parents,
+            self.config.probe_fields(),
+        )
+        content = protocol.select_request(req)
+        self._current, self._pending = {}, {}
+        msgs = []
+        for node in node_ids:
+            user, label = self.users.get(node, (f"node-{node}", None))
+            rec = UserRound(server_round, node, user, label, offered=len(ids), basis_size=self.server.basis.size)
+            down, up = self._register_bytes.pop(node, (0, 0))
+            rec.bytes[protocol.REGISTER_DOWN], rec.bytes[protocol.REGISTER_UP] = down, up
+            msg = Message(content, dst_node_id=node, message_type=protocol.SELECT, group_id=str(server_round))
+            rec.bytes[protocol.BASIS_COORDS] = protocol.message_bytes(msg)
+            self._current[node] = rec
+            self._pending[node] = (msg, rec)
+            msgs.append(msg)
+        return msgs
+
+    def aggregate_select(self, server_round: int, replies: Iterable[Message]) -> dict[int, Choice]:
+        """Valid choices by node. A choice must name only offered ids, at most ``max-parents`` of them."""
+        sent, self._pending = self._pending, {}
+        offered = set(self._offer[0]) if self._offer else set()
+        choices: dict[int, Choice] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node not in sent or node in choices:
+                continue
+            rec = sent[node][1]
+            rec.bytes[protocol.CHOICE] = protocol.message_bytes(reply)
+            if reply.has_error():
+                rec.fail("select-error", _reply_error(reply))
+                continue
+            try:
+                choice = protocol.parse_choice(reply.content)
+                unknown = [i for i in choice.ids if i not in offered]
+                if unknown:
+                    raise protocol.ProtocolError(f"chose pLLM(s) that were not offered: {unknown}")
+                if len(choice.ids) > self.config.max_parents:
+                    raise protocol.ProtocolError(f"{len(choice.ids)} parents > max-parents {self.config.max_parents}")
+            except protocol.ProtocolError as err:
+                rec.fail("select-invalid", str(err))
+                continue
+            self._record_choice(rec, choice)
+            choices[node] = choice
+        for node, (_, rec) in sent.items():
+            if node not in choices and rec.status == "pending":
+                rec.fail("select-timeout", "no reply within the timeout")
+        return choices
+
+    def _record_choice(self, rec: UserRound, choice: Choice) -> None:
+        rec.choice, rec.chosen, rec.weights = choice.kind, list(choice.ids), list(choice.weights)
+        rec.chosen_labels = [self.server.label(i) for i in choice.ids]
+        if choice.kind == "base":
+            rec.chosen_label = "base"
+        else:
+            heaviest = max(range(len(choice.ids)), key=lambda j: choice.weights[j])
+            rec.chosen_label = rec.chosen_labels[heaviest]
+        rec.distance = choice.distance if rec.offered else None
+        rec.correct = None if (rec.label is None or not rec.offered) else rec.chosen_label == rec.label
+
+    # --- train -----------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, choices: Mapping[int, Choice]) -> list[Message]:
+        """``train`` to each node with a valid choice: exactly the adapter(s) it chose + the budget."""
+        self._pending = {}
+        msgs = []
+        for node, choice in choices.items():
+            rec = self._current[node]
+            try:
+                adapters = [self.server.adapter(i) for i in choice.ids]
+            except (CacheError, AdapterError) as err:
+                rec.fail("train-unavailable", str(err))
+                continue
+            content = protocol.train_request(
+                choice, adapters, self.config.finetune_fields(), self.config.compare_scratch
+            )
+            msg = Message(content, dst_node_id=node, message_type=protocol.TRAIN, group_id=str(server_round))
+            rec.bytes[protocol.ADAPTER_DOWN] = protocol.message_bytes(msg)
+            self._pending[node] = (msg, rec)
+            msgs.append(msg)
+        return msgs
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> list[UserRound]:
+        """Validate, explain and cache each upload, in user-id order (the basis grows deterministically)."""
+        sent, self._pending = self._pending, {}
+        got: dict[int, Message] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node in sent and node not in got:
+                got[node] = reply
+        for node in sorted(got, key=lambda n: (_natural(sent[n][1].user), n)):
+            reply, rec = got[node], sent[node][1]
+            rec.bytes[protocol.ADAPTER_UP] = protocol.message_bytes(reply)
+            if reply.has_error():
+                rec.fail("train-error", _reply_error(reply))
+                continue
+            try:
+                upload = protocol.parse_upload(reply.content)
+                rec.finetune = upload.metrics
+                metrics = {"round": server_round, "user": rec.user, "start": rec.choice, **upload.metrics}
+                done = self.server.ingest(upload.adapter, rec.chosen, metrics, rec.label)
+            except (protocol.ProtocolError, AdapterError, CacheError) as err:
+                rec.fail("upload-invalid", str(err))
+                continue
+            except Exception as err:  # noqa: BLE001 - a failed explanation must not end the round
+                rec.fail("explain-failed", f"{type(err).__name__}: {err}")
+                continue
+            rec.status = "duplicate" if done.duplicate else "ok"
+            rec.new_id, rec.explanation = done.entry.id, done.entry.explanation
+            rec.added_words, rec.explain_seconds = done.added_words, done.explain_seconds
+            LOG.info("round %s %s: %s %s (%s)", server_round, rec.user, "already cached" if done.duplicate else "cached",
+                     rec.new_id, rec.explanation)
+        for node, (_, rec) in sent.items():
+            if node not in got:
+                rec.fail("train-timeout", "no reply within the timeout")
+        return [self._current[n] for n in self._current]
+
+    def finish_round(self, server_round: int, seconds: float) -> RoundResult:
+        users = sorted(self._current.values(), key=lambda r: (_natural(r.user), r.node_id))
+        result = RoundResult(
+            server_round, users, len(self.server.cache), self.server.basis.size, list(self.server.basis.words), seconds
+        )
+        self.history.append(result)
+        self._current = {}
+        if self.on_round is not None:
+            self.on_round(result)
+        return result
+
+    # --- wiring to Flower ------------------------------------------------------------------------
+    def wait_for_nodes(self, grid: Grid, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while len(nodes := list(grid.get_node_ids())) < self.config.min_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} of min-nodes={self.config.min_nodes} nodes connected")
+            time.sleep(0.5)
+        return nodes
+
+    def start(self, grid: Grid, num_rounds: int | None = None, timeout: float | None = None) -> list[RoundResult]:
+        """Run the rounds: register new nodes, sample, select, train, cache. Returns the history."""
+        num_rounds = num_rounds or self.config.num_server_rounds
+        timeout = self.config.timeout if timeout is None else timeout
+        self.summary()
+        self.wait_for_nodes(grid, timeout)
+        for r in range(1, num_rounds + 1):
+            t0 = time.perf_counter()
+            nodes = list(grid.get_node_ids())
+            if msgs := self.configure_register(nodes):
+                self.aggregate_register(grid.send_and_receive(msgs, timeout=timeout))
+            sampled = self.sample(r, nodes)
+            LOG.info("[ROUND %s/%s] %s user(s): %s", r, num_rounds, len(sampled),
+                     ", ".join(self.users[n][0] for n in sampled))
+            replies = grid.send_and_receive(self.configure_select(r, sampled), timeout=timeout)
+            choices = self.aggregate_select(r, replies)
+            if msgs := self.configure_train(r, choices):
+                self.aggregate_train(r, grid.send_and_receive(msgs, timeout=timeout))
+            result = self.finish_round(r, time.perf_counter() - t0)
+            LOG.info("[ROUND %s] cache %s pLLMs, basis %s words, %.0fs", r, result.cache_size, result.basis_size,
+                     result.seconds)
+        return self.history

@@ -1,0 +1,116 @@
+"""The method core end to end on the real embedded model, at toy sizes: adapters -> explanations ->
+device coordinates -> a selection; plus the summarizer's invariants and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xpert_fl.basis import Basis, BasisError
+from xpert_fl.cache import BaseInfo, PLLMCache
+from xpert_fl.data import Sample, load_corpus
+from xpert_fl.explain import (
+    BASIS_FILE,
+    Explainer,
+    ProbeConfig,
+    explain_cache,
+    open_basis,
+    user_coordinates,
+)
+from xpert_fl.finetune import FinetuneConfig, finetune
+from xpert_fl.layerwise import LayerwiseRunner
+from xpert_fl.select import Choice, select
+from xpert_fl.summarizer import Summarizer, SummarizerConfig
+
+PROBE = ProbeConfig(max_new_tokens=12, batch_size=4)
+TINY = SummarizerConfig(max_text_tokens=24, n_candidates=8)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus("builtin")
+
+
+@pytest.fixture(scope="module")
+def summarizer(base):
+    return Summarizer(base, TINY)
+
+
+def test_null_drift_is_zero_and_candidates_are_words(summarizer, corpus):
+    refs = [s.response for s in corpus.neutral[:3]]
+    null = summarizer.drift(refs, refs[1:] + refs[:1])
+    assert np.allclose(null.vector, 0, atol=1e-5), "a null drift must calibrate to zero"
+    styled = [s.response for s in corpus.styles["sarcastic"][:3]]
+    d = summarizer.drift(refs, styled)
+    assert d.vector.shape == (summarizer.dim,) and np.isfinite(d.vector).all()
+    assert np.linalg.norm(d.vector) > 1.0
+    assert len(d.candidates) == TINY.n_candidates and all(w.isalpha() for w in d.candidates)
+    assert d.probabilities == sorted(d.probabilities, reverse=True)
+
+
+def test_low_memory_mode_gives_the_same_embedding(base, summarizer, corpus):
+    refs = [s.response for s in corpus.neutral[:2]]
+    styled = [s.response for s in corpus.styles["poetic"][:2]]
+    lowmem = Summarizer(base, TINY, runner=LayerwiseRunner(base.spec))
+    a, b = summarizer.drift(refs, styled), lowmem.drift(refs, styled)
+    np.testing.assert_allclose(a.vector, b.vector, atol=1e-4)
+    assert a.candidates == b.candidates
+
+
+def test_bad_drift_input(summarizer):
+    with pytest.raises(ValueError, match="equally many"):
+        summarizer.drift(["a"], ["b", "c"])
+    with pytest.raises(ValueError, match="non-empty"):
+        summarizer.drift(["a"], ["  "])
+    with pytest.raises(ValueError, match="embedding must be one of"):
+        SummarizerConfig(embedding="cls")
+
+
+def test_adapters_to_explanations_to_selection(base, summarizer, corpus, tmp_path):
+    """Two tiny pLLMs are explained in one basis; a user's data maps onto it and selects one of them."""
+    cache = PLLMCache(tmp_path / "cache", BaseInfo.from_loaded(base))
+    cfg = FinetuneConfig(max_steps=2, eval_every=2, max_seq_len=96, rank=4, seed=0)
+    for style in ("sarcastic", "poetic"):
+        samples = corpus.styles[style]
+        result = finetune(base, samples[:4], samples[4:6], cfg, progress=False)
+        cache.add(result.adapter, metrics=result.to_json(), label=style)
+    prompts = [s.prompt for s in corpus.neutral[10:12]]
+    basis = open_basis(cache.root, summarizer, tau_orth=0.1, tau_res=0.2, orthogonalize=True)
+    decs = explain_cache(cache, Explainer(base, summarizer, prompts, PROBE), basis, progress=False)
+    assert len(decs) == 2 and basis.size >= 1
+    assert all(d.examined >= 1 for d in decs.values())
+    entries = cache.entries()
+    assert all(e.coords is not None and len(e.coords) == basis.size and e.explanation for e in entries)
+    assert (cache.root / BASIS_FILE).is_file()
+
+    # the device: its own data, the received basis (unchanged), a choice that carries no coordinate
+    before = (basis.size, list(basis.words))
+    mine = user_coordinates(base, summarizer, basis, corpus.styles["poetic"][20:22], PROBE)
+    assert (basis.size, list(basis.words)) == before
+    choice = select(mine.coords, {e.id: np.asarray(e.coords) for e in entries}, delta=float("inf"))
+    assert choice.kind == "single" and choice.ids[0] in {e.id for e in entries}
+    assert Choice.from_json(choice.to_json()) == choice
+
+    # re-explaining is a no-op: drifts are stored, the basis is reloaded from disk
+    again = open_basis(cache.root, summarizer, 0.1, 0.2, True)
+    assert again.words == basis.words
+    assert explain_cache(cache, Explainer(base, summarizer, prompts, PROBE), again, progress=False) == {}
+
+
+def test_device_side_rejects_bad_input(base, summarizer):
+    other = Basis(dim=summarizer.dim, summarizer="another-summarizer")
+    with pytest.raises(BasisError, match="summarizer"):
+        user_coordinates(base, summarizer, other, [Sample("Say hi.", "Hi!")], PROBE)
+    wrong_dim = Basis(dim=summarizer.dim + 1, summarizer=summarizer.fingerprint)
+    with pytest.raises(BasisError, match="dimension"):
+        user_coordinates(base, summarizer, wrong_dim, [Sample("Say hi.", "Hi!")], PROBE)
+    ok = Basis(dim=summarizer.dim, summarizer=summarizer.fingerprint)
+    with pytest.raises(ValueError, match="empty"):
+        user_coordinates(base, summarizer, ok, [], PROBE)
+
+
+def test_prompt_less_user_data_uses_base_continuations(base, summarizer):
+    plain = load_corpus("builtin-plain")
+    basis = Basis(dim=summarizer.dim, summarizer=summarizer.fingerprint)
+    mine = user_coordinates(base, summarizer, basis, plain.styles["tweet"][:2], PROBE)
+    assert mine.coords.shape == (0,) and np.isfinite(mine.drift.vector).all()

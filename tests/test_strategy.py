@@ -1,0 +1,348 @@
+"""XPerTStrategy's round logic without Flower running: fake devices, fake replies, failures.
+
+No model is loaded: the cache is over a tiny fake base model (one 6x4 linear layer) and the
+explainer maps an adapter to a deterministic random drift, so a full round takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Error, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.task_identity import TaskIdentity
+
+from strategies import protocol
+from strategies.pllm_server import PLLMServer
+from strategies.xpert import XPerTConfig, XPerTStrategy
+from xpert_fl.adapters import Adapter
+from xpert_fl.basis import Basis
+from xpert_fl.cache import BaseInfo, PLLMCache
+from xpert_fl.select import Choice
+from xpert_fl.summarizer import Drift
+
+DIM = 16
+MODULE = "model.layers.0.self_attn.q_proj"
+WORDS = [f"word{i}" for i in range(40)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def task_identity():
+    """Messages created outside a Flower process need a run/node identity."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _rng(text: str) -> np.random.Generator:
+    return np.random.default_rng(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16))
+
+
+class FakeSummarizer:
+    fingerprint, dim = "fake-summarizer", DIM
+
+    def subvector(self, word: str) -> np.ndarray:
+        return _rng(word).normal(size=DIM).astype(np.float32)
+
+
+class FakeExplainer:
+    """Drift = a random vector seeded by the adapter's content; candidate words in a seeded order."""
+
+    def __init__(self):
+        self.summarizer = FakeSummarizer()
+        self.fail_next = False
+
+    def drift(self, adapter: Adapter) -> Drift:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("probe crashed")
+        rng = _rng(adapter.content_hash)
+        return Drift(rng.normal(size=DIM).astype(np.float32), list(rng.permutation(WORDS)))
+
+
+def adapter(seed: int, r: int = 2, fingerprint: str = "fp0") -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    return Adapter(
+        config={"r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj"], "peft_type": "LORA"},
+        tensors={
+            f"base_model.model.{MODULE}.lora_A.weight": torch.randn(r, 4, generator=g),
+            f"base_model.model.{MODULE}.lora_B.weight": torch.randn(6, r, generator=g),
+        },
+        base_fingerprint=fingerprint,
+    )
+
+
+def make_server(tmp_path, n_initial: int = 0) -> PLLMServer:
+    cache = PLLMCache(tmp_path / "cache", BaseInfo("fake", "fp0", {MODULE: (6, 4)}))
+    for i in range(n_initial):
+        cache.add(adapter(1000 + i), label=f"style{i}")
+    basis = Basis(dim=DIM, tau_orth=0.9, tau_res=0.2, summarizer="fake-summarizer", orthogonalize=True)
+    server = PLLMServer(cache, basis, FakeExplainer())
+    server.explain_pending()
+    return server
+
+
+def wire(msg: Message) -> Message:
+    """The message as the receiver gets it: every object deflated, then inflated again."""
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
+    out = inflate_object_from_contents(msg.object_id, contents)
+    out.metadata.__dict__.update(msg.metadata.__dict__)
+    return out
+
+
+class FakeDevice:
+    """A device's behaviour in each phase; ``mode`` injects failures."""
+
+    def __init__(self, node: int, user: str, label: str, seed: int, mode: str = "ok"):
+        self.node, self.user, self.label, self.seed, self.mode = node, user, label, seed, mode
+        self.received: list[Message] = []
+
+    def handle(self, msg: Message) -> Message | None:
+        msg = wire(msg)
+        self.received.append(msg)
+        kind = msg.metadata.message_type
+        if kind == protocol.REGISTER:
+            if self.mode == "register-error":
+                return Message(Error(code=1, reason="boom"), reply_to=msg)
+            return Message(protocol.register_reply(self.user, self.label), reply_to=msg)
+        if kind == protocol.SELECT:
+            if self.mode == "select-timeout":
+                return None
+            if self.mode == "select-error":
+                return Message(Error(code=2, reason="select crashed"), reply_to=msg)
+            req = protocol.parse_select_request(msg.content)
+            if self.mode == "select-invalid":
+                return Message(protocol.choice_reply(Choice("single", ("not-offered",), (1.0,), 0.1)), reply_to=msg)
+            if not req.ids:
+                return Message(protocol.choice_reply(Choice("base")), reply_to=msg)
+            if self.mode == "merge" and len(req.ids) >= 2:
+                return Message(protocol.choice_reply(Choice("merge", req.ids[:2], (0.6, 0.4), 0.3)), reply_to=msg)
+            pick = req.ids[self.seed % len(req.ids)]
+            return Message(protocol.choice_reply(Choice("single", (pick,), (1.0,), 0.5, {pick: 0.5})), reply_to=msg)
+        assert kind == protocol.TRAIN
+        if self.mode == "train-timeout":
+            return None
+        if self.mode == "train-error":
+            return Message(Error(code=3, reason="out of memory"), reply_to=msg)
+        req = protocol.parse_train_request(msg.content)
+        new = {
+            "wrong-base": adapter(self.seed, fingerprint="other-base"),
+            "wrong-shape": Adapter(
+                {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]},
+                {f"base_model.model.{MODULE}.lora_A.weight": torch.ones(2, 5),
+                 f"base_model.model.{MODULE}.lora_B.weight": torch.ones(6, 2)}, "fp0"),
+            "duplicate": req.adapters[0] if req.adapters else adapter(self.seed),
+        }.get(self.mode, adapter(100 * self.seed + len(self.received)))
+        metrics = {"steps": 4, "seconds": 1.5, "samples_consumed": 8, "energy_joules": 3.0, "reached_target": 1.0,
+                   "steps_to_target": 2, "scratch_steps": 6, "scratch_steps_to_target": 6, "scratch_reached_target": 1.0}
+        return Message(protocol.upload_reply(new, metrics, {"start": req.choice.kind}), reply_to=msg)
+
+
+class FakeGrid:
+    """Duck-typed Grid: delivers each message to its device, returns the replies that came back."""
+
+    def __init__(self, devices: list[FakeDevice]):
+        self.devices = {d.node: d for d in devices}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.devices)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            reply = self.devices[msg.metadata.dst_node_id].handle(msg)
+            if reply is not None:
+                replies.append(wire(reply))
+        return replies
+
+
+def cfg(**kw) -> XPerTConfig:
+    base = {"num-server-rounds": 2, "min-nodes": 1, "timeout": 5.0}
+    return XPerTConfig.from_run_config({**base, **{k.replace("_", "-"): v for k, v in kw.items()}})
+
+
+def devices(n: int, modes: dict[int, str] | None = None, first_node: int = 101) -> list[FakeDevice]:
+    modes = modes or {}
+    return [FakeDevice(first_node + 7 * i, f"user-{i}", f"style{i % 2}", i, modes.get(i, "ok")) for i in range(n)]
+
+
+def test_config_from_run_config_types_and_defaults():
+    c = XPerTConfig.from_run_config({"num-server-rounds": 3, "merge-delta": math.inf, "lr": 1, "orthogonalize": False})
+    assert c.num_server_rounds == 3 and c.merge_delta == math.inf and c.lr == 1.0 and isinstance(c.lr, float)
+    assert c.orthogonalize is False and c.max_parents == 3
+    assert c.finetune_fields()["target_loss"] is None
+    assert XPerTConfig.from_run_config({"target-loss": 2.5}).finetune_fields()["target_loss"] == 2.5
+    for bad in ({"merge-delta": -1.0}, {"num-server-rounds": 0}, {"users-per-round": -1}):
+        with pytest.raises(ValueError):
+            XPerTConfig.from_run_config(bad)
+
+
+def test_two_rounds_grow_the_cache_and_later_users_start_from_uploads(tmp_path):
+    server = make_server(tmp_path)
+    rounds = []
+    strategy = XPerTStrategy(cfg(), server, on_round=rounds.append)
+    history = strategy.start(FakeGrid(devices(3)))
+    assert [r.round for r in history] == [1, 2] and rounds == history
+    first, second = history
+    # round 1: empty cache -> every device starts from the base model; nothing to judge
+    assert [u.status for u in first.users] == ["ok"] * 3
+    assert all(u.choice == "base" and u.offered == 0 and u.correct is None and u.distance is None for u in first.users)
+    assert first.cache_size == 3 and first.basis_size > 0
+    # round 2: devices choose among the uploads of round 1; the new entries name them as parents
+    assert all(u.offered == 3 and u.choice == "single" and u.status == "ok" for u in second.users)
+    for u in second.users:
+        entry = server.cache.get(u.new_id)
+        assert entry.parents == tuple(u.chosen) and entry.label == u.label
+        assert entry.coords is not None and len(entry.coords) == server.basis.size
+        assert u.chosen_label in ("style0", "style1") and u.correct == (u.chosen_label == u.label)
+    assert second.cache_size == 6
+    # every cached pLLM is explained on the final basis
+    assert all(e.coords is not None and len(e.coords) == server.basis.size for e in server.cache.entries())
+
+
+def test_bytes_are_measured_per_device_and_kind(tmp_path):
+    server = make_server(tmp_path, n_initial=2)
+    grid = FakeGrid(devices(2))
+    strategy = XPerTStrategy(cfg(num_server_rounds=1), server)
+    (result,) = strategy.start(grid)
+    for u in result.users:
+        b = u.bytes
+        assert all(b[k] > 0 for k in protocol.KINDS), b
+        dev = grid.devices[u.node_id]
+        by_type = {m.metadata.message_type: protocol.message_bytes(m) for m in grid.sent if m.metadata.dst_node_id == dev.node}
+        assert b[protocol.REGISTER_DOWN] == by_type[protocol.REGISTER]
+        assert b[protocol.BASIS_COORDS] == by_type[protocol.SELECT]
+        assert b[protocol.ADAPTER_DOWN] == by_type[protocol.TRAIN]
+        # the selection exchange is tiny next to one adapter
+        assert b[protocol.BASIS_COORDS] + b[protocol.CHOICE] < b[protocol.ADAPTER_DOWN] + b[protocol.ADAPTER_UP]
+        assert u.bytes_received == b[protocol.REGISTER_DOWN] + b[protocol.BASIS_COORDS] + b[protocol.ADAPTER_DOWN]
+        assert u.bytes_sent == b[protocol.REGISTER_UP] + b[protocol.CHOICE] + b[protocol.ADAPTER_UP]
+        # exactly the chosen adapter went down: one adapter's records
+        assert u.bytes[protocol.ADAPTER_DOWN] > server.cache.get(u.chosen[0]).size_bytes // 2
+
+
+def test_failures_are_logged_and_skipped_and_the_round_goes_on(tmp_path):
+    server = make_server(tmp_path, n_initial=2)
+    modes = {0: "select-error", 1: "select-timeout", 2: "select-invalid", 3: "train-error", 4: "train-timeout",
+             5: "wrong-base", 6: "wrong-shape", 7: "ok", 8: "duplicate"}
+    devs = devices(9, modes)
+    strategy = XPerTStrategy(cfg(num_server_rounds=1), server)
+    (result,) = strategy.start(FakeGrid(devs))
+    status = {u.user: u.status for u in result.users}
+    assert status == {
+        "user-0": "select-error", "user-1": "select-timeout", "user-2": "select-invalid",
+        "user-3": "train-error", "user-4": "train-timeout", "user-5": "upload-invalid",
+        "user-6": "upload-invalid", "user-7": "ok", "user-8": "duplicate",
+    }
+    by_user = {u.user: u for u in result.users}
+    assert "select crashed" in by_user["user-0"].error and "not offered" in by_user["user-2"].error
+    assert by_user["user-5"].error and "base model" in by_user["user-5"].error
+    # failed selections get no adapter; failed uploads are not cached
+    assert all(by_user[f"user-{i}"].bytes[protocol.ADAPTER_DOWN] == 0 for i in range(3))
+    assert len(server.cache) == 3 and by_user["user-7"].new_id in server.cache
+    assert by_user["user-8"].new_id == by_user["user-8"].chosen[0]
+
+
+def test_a_failed_explanation_removes_the_upload_and_the_round_goes_on(tmp_path):
+    server = make_server(tmp_path, n_initial=1)
+    strategy = XPerTStrategy(cfg(num_server_rounds=1), server)
+    server.explainer.fail_next = True  # the first upload (user-0, ingested first) fails to explain
+    (result,) = strategy.start(FakeGrid(devices(2)))
+    a, b = result.users
+    assert (a.status, b.status) == ("explain-failed", "ok") and "probe crashed" in a.error
+    assert len(server.cache) == 2 and a.new_id is None and b.new_id in server.cache
+
+
+def test_merge_choice_sends_every_parent_and_records_them(tmp_path):
+    server = make_server(tmp_path, n_initial=3)
+    grid = FakeGrid(devices(1, {0: "merge"}))
+    (result,) = XPerTStrategy(cfg(num_server_rounds=1), server).start(grid)
+    (u,) = result.users
+    assert u.choice == "merge" and len(u.chosen) == 2 and u.weights == [0.6, 0.4]
+    assert u.chosen_label == "style0"  # the heavier parent
+    train = [m for m in grid.devices[u.node_id].received if m.metadata.message_type == protocol.TRAIN][0]
+    req = protocol.parse_train_request(train.content)
+    assert [a.content_hash for a in req.adapters] == u.chosen
+    assert server.cache.get(u.new_id).parents == tuple(u.chosen)
+
+
+def test_choices_over_max_parents_are_invalid(tmp_path):
+    server = make_server(tmp_path, n_initial=3)
+    (result,) = XPerTStrategy(cfg(num_server_rounds=1, max_parents=1), server).start(
+        FakeGrid(devices(1, {0: "merge"}))
+    )
+    assert result.users[0].status == "select-invalid"
+
+
+def test_sampling_is_a_seeded_arrival_order_independent_of_node_ids(tmp_path):
+    def arrivals(first_node: int, seed: int) -> list[list[str]]:
+        server = make_server(tmp_path / f"{first_node}-{seed}")
+        history = XPerTStrategy(cfg(num_server_rounds=3, users_per_round=2, seed=seed), server).start(
+            FakeGrid(devices(4, first_node=first_node))
+        )
+        return [sorted(u.user for u in r.users) for r in history]
+
+    a = arrivals(101, 0)
+    assert a == arrivals(9_000_001, 0)  # same users, other (random) node ids: same schedule
+    assert sorted(a[0] + a[1]) == [f"user-{i}" for i in range(4)]  # rounds 1-2 cover everyone once
+    assert a[2] == a[0]  # then the order repeats
+    assert any(arrivals(101, s) != a for s in range(1, 5))  # the seed matters
+
+
+def test_unregistered_nodes_are_not_sampled_and_retried(tmp_path):
+    server = make_server(tmp_path)
+    devs = devices(2, {1: "register-error"})
+    grid = FakeGrid(devs)
+    strategy = XPerTStrategy(cfg(num_server_rounds=2), server)
+    history = strategy.start(grid)
+    assert [[u.user for u in r.users] for r in history] == [["user-0"], ["user-0"]]
+    registers = [m for m in grid.sent if m.metadata.message_type == protocol.REGISTER]
+    assert [m.metadata.dst_node_id for m in registers].count(devs[1].node) == 2  # retried each round
+    assert [m.metadata.dst_node_id for m in registers].count(devs[0].node) == 1  # registered once
+    # registration bytes are attributed to the user's first round only
+    assert history[0].users[0].bytes[protocol.REGISTER_UP] > 0 == history[1].users[0].bytes[protocol.REGISTER_UP]
+
+
+def test_aggregate_steps_work_on_replies_alone(tmp_path):
+    """The Flower-style steps, called one by one with hand-made replies (no grid at all)."""
+    server = make_server(tmp_path, n_initial=2)
+    strategy = XPerTStrategy(cfg(num_server_rounds=1), server)
+    reg = strategy.configure_register([5, 6])
+    strategy.aggregate_register([Message(protocol.register_reply(f"user-{m.metadata.dst_node_id}", None),
+                                         reply_to=m) for m in reg])
+    msgs = strategy.configure_select(1, strategy.sample(1, [5, 6]))
+    ids = protocol.parse_select_request(msgs[0].content).ids
+    replies = [Message(protocol.choice_reply(Choice("single", (ids[0],), (1.0,), 0.2)), reply_to=msgs[0]),
+               Message(RecordDict(), reply_to=msgs[1])]  # node 6: no choice record
+    choices = strategy.aggregate_select(1, replies)
+    assert list(choices) == [msgs[0].metadata.dst_node_id]
+    train = strategy.configure_train(1, choices)
+    up = Message(protocol.upload_reply(adapter(77), {"steps": 1}, {}), reply_to=train[0])
+    records = {r.user: r for r in strategy.aggregate_train(1, [up])}
+    assert records["user-5"].status == "ok" and records["user-6"].status == "select-invalid"
+    assert records["user-5"].label is None and records["user-5"].correct is None  # no label reported
+    result = strategy.finish_round(1, 0.0)
+    assert result.cache_size == 3
+
+
+def test_protocol_round_trips_and_hides_distances():
+    basis = Basis(dim=DIM, words=["a", "b"], vectors=np.eye(2, DIM, dtype=np.float32), summarizer="s")
+    coords = np.array([[0.5, -1.0], [2.0, 0.25]])
+    req = protocol.SelectRequest(basis, ("x", "y"), coords, math.inf, 2, {"max_new_tokens": 8})
+    msg = wire(Message(protocol.select_request(req), dst_node_id=3, message_type=protocol.SELECT))
+    got = protocol.parse_select_request(msg.content)
+    assert got.ids == ("x", "y") and got.delta == math.inf and got.basis.words == ["a", "b"]
+    np.testing.assert_allclose(got.coords_by_id()["y"], coords[1])
+    reply = protocol.choice_reply(Choice("single", ("x",), (1.0,), 0.7, {"x": 0.7, "y": 2.1}))
+    parsed = protocol.parse_choice(reply)
+    assert parsed.distances == {} and parsed.distance == 0.7
+    with pytest.raises(protocol.ProtocolError):
+        protocol.parse_select_request(RecordDict())
