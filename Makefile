@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/xpert demo
+	$(BIN)/xpert simulate
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -25,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from xpert_fl.basis import Basis, report  # noqa: E402
 from xpert_fl.cache import PLLMCache  # noqa: E402
@@ -73,12 +74,16 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--styles", nargs="*", default=None, help="pLLM styles in build order (default: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when sharing the CPU)")
+    ap.add_argument("--max-seq-len", type=int, default=128)
     ap.add_argument("--work", default="results/selection", help="generation cache")
     ap.add_argument("--cache", default=None, help="pLLM cache to build into / reuse (default: under --work)")
     ap.add_argument("--self-reported", type=int, default=24,
                     help="also score pLLM coordinates self-reported from this many of their training samples (0: off)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     tag = f"{args.corpus.replace('/', '_')}_{args.similarity:g}"
@@ -90,7 +95,7 @@ def main() -> None:
     base = load_model()
     corpus = load_corpus(args.corpus)
     roles = split_roles(corpus, seed=args.seed)
-    config = FinetuneConfig(max_steps=args.max_steps, seed=args.seed)
+    config = FinetuneConfig(max_steps=args.max_steps, max_seq_len=args.max_seq_len, eval_every=5, seed=args.seed)
     cache_dir = Path(args.cache) if args.cache else work / "cache"
     entries = build_cache(base, corpus, args.similarity, cache_dir, config, styles=args.styles, seed=args.seed)
     cache = PLLMCache(cache_dir)

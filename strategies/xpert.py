@@ -122,7 +122,8 @@ class UserRound:
     chosen_labels: list[str | None] = field(default_factory=list)
     chosen_label: str | None = None  # label of the heaviest parent ("base" for the base model)
     distance: float | None = None  # L1 to the chosen coordinate (None: nothing was offered)
-    correct: bool | None = None  # chosen_label == label (None: unknown label or nothing offered)
+    style_available: bool | None = None  # an offered pLLM has the user's label (None: label unknown)
+    correct: bool | None = None  # chosen_label == label; judged only when style_available
     new_id: str | None = None
     explanation: str | None = None
     added_words: list[str] = field(default_factory=list)
@@ -180,6 +181,7 @@ class XPerTStrategy:
         self._pending: dict[int, tuple[Message, UserRound]] = {}  # node -> (sent message, record)
         self._current: dict[int, UserRound] = {}
         self._offer: tuple[list[str], object] | None = None
+        self._labels: dict[str, str | None] = {}
 
     def summary(self) -> None:
         c = self.config
@@ -244,6 +246,7 @@ class XPerTStrategy:
         """``query.select`` to each sampled node: basis + coordinates + ids of every explained pLLM."""
         ids, coords = self.server.offer()
         self._offer = (ids, coords)
+        self._labels = {i: self.server.label(i) for i in ids}
         req = protocol.SelectRequest(
             self.server.basis, tuple(ids), coords, self.config.merge_delta, self.config.max_parents,
             self.config.probe_fields(),
@@ -296,14 +299,16 @@ class XPerTStrategy:
 
     def _record_choice(self, rec: UserRound, choice: Choice) -> None:
         rec.choice, rec.chosen, rec.weights = choice.kind, list(choice.ids), list(choice.weights)
-        rec.chosen_labels = [self.server.label(i) for i in choice.ids]
+        rec.chosen_labels = [self._labels.get(i) for i in choice.ids]
         if choice.kind == "base":
             rec.chosen_label = "base"
         else:
             heaviest = max(range(len(choice.ids)), key=lambda j: choice.weights[j])
             rec.chosen_label = rec.chosen_labels[heaviest]
         rec.distance = choice.distance if rec.offered else None
-        rec.correct = None if (rec.label is None or not rec.offered) else rec.chosen_label == rec.label
+        if rec.label is not None:
+            rec.style_available = rec.label in self._labels.values()
+            rec.correct = (rec.chosen_label == rec.label) if rec.style_available else None
 
     # --- train -----------------------------------------------------------------------------------
     def configure_train(self, server_round: int, choices: Mapping[int, Choice]) -> list[Message]:

@@ -168,6 +168,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """The main job as a Flower simulation: cloud pLLMs, then users building on uploads (simulations/simulate.py)."""
+    from flwr.common.config import parse_config_args
+
+    from simulations.simulate import SimulateConfig, simulate
+
+    cfg = SimulateConfig(out=args.out, spec=args.spec, num_users=args.users, seed=args.seed, resume=args.resume,
+                         cloud_styles=tuple(args.cloud_styles), cloud_steps=args.cloud_steps,
+                         run_config=parse_config_args(args.run_config))
+    simulate(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xpert", description="XPerT on Flower: explainable pLLM selection.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", default=DEFAULT_SPEC)
     p.add_argument("--out", default="results/quickstart", help="results folder")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("simulate", help="the main job as a Flower simulation (cloud pLLMs, then users over rounds)")
+    p.add_argument("--out", default="results/simulate", help="results folder")
+    p.add_argument("--spec", default=DEFAULT_SPEC)
+    p.add_argument("--users", type=int, default=4, help="virtual users (simulated SuperNodes)")
+    p.add_argument("--cloud-styles", nargs="+", default=["sarcastic", "poetic", "expert"])
+    p.add_argument("--cloud-steps", type=int, default=20, help="fine-tuning steps per cloud pLLM")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="start from the cache the previous run left")
+    p.add_argument("--run-config", action="append", default=[],
+                   help='run-config overrides (pyproject keys), e.g. "num-server-rounds=3 users-per-round=1"')
+    p.set_defaults(func=cmd_simulate)
     return parser
 
 
