@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
@@ -39,10 +39,11 @@ class QuickstartConfig:
     corpus: str = "builtin"
     styles: tuple[str, ...] = ("sarcastic", "poetic", "elementary", "expert")
     similarity: float = 0.9
-    pllm_steps: int = 30
-    probe_prompts: int = 12
+    pllm_steps: int = 16
+    probe_prompts: int = 8
     user_samples: int = 12
-    user_steps: int = 30
+    user_steps: int = 16
+    max_seq_len: int = 128
     seed: int = 0
     out: str = "results/quickstart"
     extra: dict = field(default_factory=dict)
@@ -59,8 +60,8 @@ def run(cfg: QuickstartConfig) -> list[dict]:
     roles = split_roles(corpus, seed=cfg.seed)
 
     print(f"[1/4] cloud: {len(cfg.styles)} pLLMs at similarity {cfg.similarity}", flush=True)
-    build_cache(base, corpus, cfg.similarity, out / "cache", FinetuneConfig(max_steps=cfg.pllm_steps, seed=cfg.seed),
-                styles=cfg.styles, seed=cfg.seed)
+    pllm_cfg = FinetuneConfig(max_steps=cfg.pllm_steps, max_seq_len=cfg.max_seq_len, eval_every=4, seed=cfg.seed)
+    build_cache(base, corpus, cfg.similarity, out / "cache", pllm_cfg, styles=cfg.styles, seed=cfg.seed)
     cache = PLLMCache(out / "cache")
 
     print("[2/4] server: probe + explain every pLLM in one basis", flush=True)
@@ -85,15 +86,14 @@ def run(cfg: QuickstartConfig) -> list[dict]:
                      "user_explanation": mine.text, "_train": train, "_test": test})
 
     print("[4/4] devices: fine-tune from the chosen pLLM vs from scratch, to the same target", flush=True)
-    ft = FinetuneConfig(max_steps=cfg.user_steps, seed=cfg.seed)
+    ft = FinetuneConfig(max_steps=cfg.user_steps, max_seq_len=cfg.max_seq_len, seed=cfg.seed)
     for row in rows:
         train, test = row.pop("_train"), row.pop("_test")
         scratch = finetune(base, train, test, ft, progress=False)
         target = target_from_scratch(scratch)
         scratch = with_target(scratch, target)
         start = cache.load_adapter(row["chosen"])
-        warm = finetune(base, train, test, FinetuneConfig(max_steps=cfg.user_steps, seed=cfg.seed,
-                                                          target_loss=target), start=start, progress=False)
+        warm = finetune(base, train, test, replace(ft, target_loss=target), start=start, progress=False)
         row.update(target_loss=target, scratch_steps=scratch.steps_to_target, pllm_steps=warm.steps_to_target,
                    scratch_seconds=scratch.seconds_to_target, pllm_seconds=warm.seconds_to_target,
                    pllm_start_loss=warm.start_loss, scratch_start_loss=scratch.start_loss)
