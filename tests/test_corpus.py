@@ -91,3 +91,14 @@ def test_write_then_load_round_trips(tmp_path):
     assert again.styles == corpus.styles and again.neutral == corpus.neutral and again.levels == corpus.levels
     assert not list((tmp_path / "copy").glob(".*.tmp"))
     assert NEUTRAL not in again.styles
+
+
+def test_hub_loader_fails_clearly_offline(monkeypatch):
+    from xpert_fl.data.hub import HubUnavailableError, hub_corpus
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(HubUnavailableError, match="armanc/scientific_papers.*built-in corpus"):
+        hub_corpus(["arxiv"], per_style=2)
+    with pytest.raises(KeyError, match="unknown hub source"):
+        hub_corpus(["no-such-source"])
