@@ -42,19 +42,18 @@ def route_a(summarizer, probe_set):
     return dict(zip(words, stylized_vectors(words, summarizer, prompts, answers, PROBE), strict=True))
 
 
-def _weights_digest(model) -> float:
-    return float(sum(p.detach().double().sum() for p in model.parameters()))
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    names = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight")
+    state = model.state_dict()
+    return {n: state[n].detach().clone() for n in names}
 
 
-def test_stylized_route_gives_distinct_finite_vectors(summarizer, probe_set, route_a):
+def test_stylized_route_gives_distinct_finite_vectors(summarizer, route_a):
     a, b = route_a["sarcastic"], route_a["technical"]
     for v in (a, b):
         assert v.shape == (summarizer.dim,) and v.dtype == np.float32 and np.isfinite(v).all()
         assert np.linalg.norm(v) > 0.1
     assert cosine_distance(a, b) > 1e-3, "two different style words must give different vectors"
-    prompts, answers = probe_set
-    single = stylized_vector(summarizer, "sarcastic", prompts, answers, PROBE)  # unbatched across words
-    np.testing.assert_allclose(single, a, atol=1e-3)
 
 
 def test_untrained_tuner_is_the_direct_route(summarizer):
@@ -62,51 +61,69 @@ def test_untrained_tuner_is_the_direct_route(summarizer):
     pre, suf = WORD_PROMPT.split("{word}")
     assert tuner.n_prefix == len(summarizer.tokenizer(pre, add_special_tokens=False)["input_ids"])
     assert tuner.n_suffix == len(summarizer.tokenizer(suf, add_special_tokens=False)["input_ids"])
-    words = ["formal", "long-winded", "Poetic"]  # one and several tokens, and another case
+    words = ["long-winded", "Poetic"]  # several tokens, and another case
     np.testing.assert_allclose(tuner.raw_vectors(words), summarizer.word_vectors(words), atol=1e-4)
-    # Same centring as Summarizer.subvector (mean over REFERENCE_WORDS with the same prompt).
-    assert tuner.reference_words == list(REFERENCE_WORDS)
-    np.testing.assert_allclose(tuner.vector("formal"), summarizer.subvector("formal"), atol=1e-4)
-    assert route_error(tuner, [("formal", summarizer.subvector("formal"))]) == pytest.approx(0.0, abs=1e-6)
+    # Same centring as Summarizer.subvector: the mean over REFERENCE_WORDS (by default) of the same
+    # prompt; checked on a small reference set to keep the test cheap.
+    assert PromptTuner(summarizer).reference_words == list(REFERENCE_WORDS)
+    small = PromptTuner(summarizer, reference_words=SMALL_REFS)
+    center = summarizer.word_vectors(SMALL_REFS).mean(0)
+    direct = summarizer.word_vectors(["formal"])[0] - center
+    tuned = small.vector("formal")
+    np.testing.assert_allclose(small.center(), center, atol=1e-4)
+    np.testing.assert_allclose(tuned, direct, atol=1e-4)
+    assert route_error(small, [("formal", direct)]) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_soft_token_counts_other_than_the_text(summarizer):
-    tuner = PromptTuner(summarizer, n_prefix=3, n_suffix=20)
+    tuner = PromptTuner(summarizer, n_prefix=3, n_suffix=20, reference_words=SMALL_REFS)
     ids = summarizer.tokenizer(tuner.prefix_text, add_special_tokens=False)["input_ids"]
     table = summarizer.model.get_input_embeddings().weight
     assert torch.equal(tuner.prefix.detach(), table[ids[-3:]].detach())  # the tokens nearest the word
     assert tuner.suffix.shape == (20, summarizer.dim)
     assert np.isfinite(tuner.vectors(["dry"])).all()
+    # A learned offset starts at zero: the untrained route is unchanged.
+    plain = PromptTuner(summarizer, reference_words=SMALL_REFS)
+    with_offset = PromptTuner(summarizer, reference_words=SMALL_REFS, learn_offset=True)
+    assert len(with_offset.parameters()) == 3 and not with_offset.offset.detach().any()
+    np.testing.assert_allclose(with_offset.vector("dry"), plain.vector("dry"), atol=1e-6)
 
 
 def test_tuning_reduces_the_loss_and_leaves_the_model_alone(base, summarizer, route_a):
-    before = _weights_digest(base.model)
+    before = _snapshot(base.model)
     tuner = PromptTuner(summarizer, reference_words=SMALL_REFS)
     pairs = list(route_a.items())
     start = tuner.error(pairs)
-    history = tuner.fit(pairs, steps=3, lr=1e-2, seed=0)
-    assert len(history) == 3 and history[0] == pytest.approx(start, abs=1e-4)
-    assert history[-1] < history[0]
-    assert tuner.error(pairs) < start
-    assert tuner.steps_trained == 3
-    assert _weights_digest(base.model) == before
+    history = tuner.fit(pairs, steps=2, lr=1e-2, seed=0)
+    assert len(history) == 2 and history[0] == pytest.approx(start, abs=1e-4)
+    assert history[1] < history[0]
+    assert tuner.error(pairs) < history[1]
+    assert tuner.steps_trained == 2
+    assert all(torch.equal(v, base.model.state_dict()[n]) for n, v in before.items())
     assert all(p.grad is None for p in base.model.parameters()), "no gradient may land on the model"
     # The detached-centre variant and mini-batches run too.
     assert len(tuner.fit(pairs, steps=1, lr=1e-2, batch_size=1, center_grad=False)) == 1
 
 
 def test_save_load_round_trip(tmp_path, base, summarizer):
-    tuner = PromptTuner(summarizer, n_prefix=4, n_suffix=2, reference_words=SMALL_REFS)
+    tuner = PromptTuner(summarizer, n_prefix=4, n_suffix=2, reference_words=SMALL_REFS, learn_offset=True)
+    before = tuner.vector("dry")
     with torch.no_grad():
         tuner.prefix.add_(0.01)  # something other than the initial text
+        tuner.offset.add_(0.5)
+    changed = tuner.vector("dry")
+    assert not np.allclose(changed, before + 0.5, atol=1e-3)
+    # The memoised centre follows in-place changes of the soft tokens.
+    np.testing.assert_allclose(tuner.center(), tuner.raw_vectors(SMALL_REFS).mean(0), atol=1e-5)
     tuner.steps_trained = 7
     path = tuner.save(tmp_path / "sub" / "tuner.safetensors")
     assert path.is_file() and not list(path.parent.glob(".*tmp"))
     loaded = PromptTuner.load(path, summarizer)
     assert torch.equal(loaded.prefix, tuner.prefix) and torch.equal(loaded.suffix, tuner.suffix)
+    assert torch.equal(loaded.offset, tuner.offset)
     assert (loaded.n_prefix, loaded.n_suffix, loaded.steps_trained) == (4, 2, 7)
     assert loaded.reference_words == SMALL_REFS
-    np.testing.assert_allclose(loaded.vector("dry"), tuner.vector("dry"), atol=1e-6)
+    np.testing.assert_allclose(loaded.vector("dry"), changed, atol=1e-6)
     other = Summarizer(base, SummarizerConfig(max_text_tokens=24, calibrate=False))
     with pytest.raises(ValueError, match="tuned for summarizer"):
         PromptTuner.load(path, other)

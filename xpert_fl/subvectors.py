@@ -103,10 +103,9 @@ def stylized_vector(
 class StylizedRoute:
     """Route (a) as a ``word -> vector`` callable (e.g. for ``Basis.decompose``), memoised per word."""
 
-    def __init__(
-        self, summarizer: Summarizer, prompts: Sequence[str], base_answers: Sequence[str], probe: ProbeConfig
-    ):
-        self.summarizer, self.prompts, self.base_answers, self.probe = summarizer, list(prompts), list(base_answers), probe
+    def __init__(self, summarizer: Summarizer, prompts: Sequence[str], base_answers: Sequence[str], probe: ProbeConfig):
+        self.summarizer, self.probe = summarizer, probe
+        self.prompts, self.base_answers = list(prompts), list(base_answers)
         self._memo: dict[str, np.ndarray] = {}
 
     def __call__(self, word: str) -> np.ndarray:
@@ -145,6 +144,11 @@ class PromptTuner:
     number of tokens of those texts; fewer keeps the tokens nearest the word, more repeats the text
     outward (the prefix cycles leftwards, the suffix rightwards) so the rows still start from real
     token embeddings.
+
+    ``learn_offset``: also train a free vector added after centring (initialised to zero, so the
+    untrained identity holds). Route-(a) vectors of different words share a large common component
+    (the drift any style instruction causes) that the reference-mean centring removes by construction
+    (the centred vectors of the reference words sum to zero); the offset can carry it.
     """
 
     def __init__(
@@ -156,6 +160,7 @@ class PromptTuner:
         suffix_text: str | None = None,
         reference_words: Sequence[str] = REFERENCE_WORDS,
         batch_size: int = 32,
+        learn_offset: bool = False,
     ):
         self.summarizer = summarizer
         self.tokenizer = summarizer.tokenizer
@@ -188,7 +193,9 @@ class PromptTuner:
         with torch.no_grad():
             self.prefix = torch.nn.Parameter(self._embed(pre_ids).clone().float())
             self.suffix = torch.nn.Parameter(self._embed(suf_ids).clone().float())
+        self.offset = torch.nn.Parameter(torch.zeros(self.dim)) if learn_offset else None
         self.steps_trained = 0
+        self._center_memo: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     # --- shapes and identity ------------------------------------------------------------------------
     @property
@@ -204,7 +211,7 @@ class PromptTuner:
         return int(self.suffix.shape[0])
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [self.prefix, self.suffix]
+        return [self.prefix, self.suffix] + ([self.offset] if self.offset is not None else [])
 
     # --- forward ------------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
@@ -240,15 +247,25 @@ class PromptTuner:
         out = self.model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids)
         return out.last_hidden_state[:, -1, :].float()
 
-    def _vectors(self, words: Sequence[str], center_grad: bool = True) -> torch.Tensor:
-        """Centred vectors of ``words`` (one forward over words + reference words)."""
+    def _train_vectors(self, words: Sequence[str], center_grad: bool) -> torch.Tensor:
+        """Centred vectors with the centre recomputed from the current prompt (one forward)."""
         n = len(words)
         if center_grad:
             raw = self._raw(list(words) + self.reference_words)
-            return raw[:n] - raw[n:].mean(0)
-        with torch.no_grad():
-            center = self._raw(self.reference_words).mean(0)
-        return self._raw(list(words)) - center
+            v = raw[:n] - raw[n:].mean(0)
+        else:
+            with torch.no_grad():
+                center = self._raw(self.reference_words).mean(0)
+            v = self._raw(list(words)) - center
+        return v if self.offset is None else v + self.offset
+
+    def _center(self) -> torch.Tensor:
+        # Memoised per prompt state: in-place updates (Adam, add_) bump the parameters' _version.
+        key = (id(self.prefix), self.prefix._version, id(self.suffix), self.suffix._version)
+        if self._center_memo is None or self._center_memo[0] != key:
+            with torch.no_grad():
+                self._center_memo = (key, self._raw(self.reference_words).mean(0))
+        return self._center_memo[1]
 
     @torch.no_grad()
     def raw_vectors(self, words: Sequence[str]) -> np.ndarray:
@@ -258,18 +275,21 @@ class PromptTuner:
             raise ValueError("words is empty: at least one word is needed")
         return self._raw(words).numpy()
 
-    @torch.no_grad()
     def center(self) -> np.ndarray:
         """The centring vector: mean raw output over the reference words with the current prompt."""
-        return self._raw(self.reference_words).mean(0).numpy()
+        return self._center().numpy().copy()
 
     @torch.no_grad()
     def vectors(self, words: Sequence[str]) -> np.ndarray:
-        """Tuned direct-route sub-vectors (centred), one row per word."""
+        """Tuned direct-route sub-vectors (centred), one row per word; one forward per word once the
+        centre of the current prompt is known."""
         words = [_check_word(w) for w in words]
         if not words:
             raise ValueError("words is empty: at least one word is needed")
-        return self._vectors(words).numpy().astype(np.float32)
+        v = self._raw(words) - self._center()
+        if self.offset is not None:
+            v = v + self.offset
+        return v.numpy().astype(np.float32)
 
     def vector(self, word: str) -> np.ndarray:
         """Tuned direct-route sub-vector of one word; a drop-in for ``Summarizer.subvector``."""
@@ -279,17 +299,18 @@ class PromptTuner:
 
     # --- training -----------------------------------------------------------------------------------
     def _loss(self, words: Sequence[str], targets: torch.Tensor, center_grad: bool) -> torch.Tensor:
-        v = self._vectors(words, center_grad)
+        v = self._train_vectors(words, center_grad)
         return (1.0 - torch.nn.functional.cosine_similarity(v, targets, dim=-1)).mean()
 
     def fit(
         self,
         pairs: Pairs,
         steps: int = 30,
-        lr: float = 1e-3,
+        lr: float = 1e-2,
         seed: int = 0,
         batch_size: int | None = None,
         center_grad: bool = True,
+        offset_lr: float | None = None,
         progress: bool = False,
     ) -> list[float]:
         """Adam on mean(1 - cos(v_b(word), v_a(word))) over (word, route-a vector) pairs.
@@ -297,6 +318,8 @@ class PromptTuner:
         ``batch_size`` pairs per step (None: all pairs, deterministic); ``seed`` orders mini-batches.
         ``center_grad``: the centring vector is recomputed with the current prompt at every step and
         differentiated through (exact objective); False treats it as a constant per step (cheaper).
+        ``offset_lr``: learning rate of the offset (``learn_offset``), default ``10 * lr``: it starts at
+        zero and must grow to the scale of the centred states, while the soft tokens start in place.
         Returns the training loss of each step's batch, measured before that step's update."""
         words, targets = _pairs(pairs, self.dim)
         if steps < 1 or not lr > 0:
@@ -308,7 +331,10 @@ class PromptTuner:
         rng = random.Random(seed)
         order: list[int] = []
         params = self.parameters()
-        opt = torch.optim.Adam(params, lr=lr)
+        groups = [{"params": [self.prefix, self.suffix], "lr": lr}]
+        if self.offset is not None:
+            groups.append({"params": [self.offset], "lr": 10 * lr if offset_lr is None else offset_lr})
+        opt = torch.optim.Adam(groups)
         history = []
         for _ in tqdm(range(steps), desc="prompt tuning", disable=not progress, leave=False):
             if len(order) < bs:
@@ -319,6 +345,8 @@ class PromptTuner:
             idx, order = order[:bs], order[bs:]
             with torch.enable_grad():
                 loss = self._loss([words[i] for i in idx], target[idx], center_grad)
+                if not torch.isfinite(loss):  # stop before a bad step can reach the soft tokens
+                    raise FloatingPointError(f"prompt-tuning loss is {float(loss)} at step {self.steps_trained + 1}")
                 # Gradients w.r.t. the soft tokens only: no weight gradient is computed or stored.
                 grads = torch.autograd.grad(loss, params)
             for p, g in zip(params, grads, strict=True):
@@ -327,16 +355,13 @@ class PromptTuner:
             opt.zero_grad(set_to_none=True)
             history.append(float(loss.detach()))
             self.steps_trained += 1
-            if not np.isfinite(history[-1]):
-                raise FloatingPointError(f"prompt-tuning loss became {history[-1]} at step {self.steps_trained}")
         return history
 
     @torch.no_grad()
     def error(self, pairs: Pairs) -> float:
         """Mean cosine distance of the tuned route (b) from route (a) over (word, vector) pairs."""
         words, targets = _pairs(pairs, self.dim)
-        v = self._vectors(words).numpy()
-        return float(cosine_distance(v, targets).mean())
+        return float(cosine_distance(self.vectors(words), targets).mean())
 
     # --- persistence --------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, str]:
@@ -356,6 +381,8 @@ class PromptTuner:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         tensors = {"prefix": self.prefix.detach().contiguous(), "suffix": self.suffix.detach().contiguous()}
+        if self.offset is not None:
+            tensors["offset"] = self.offset.detach().contiguous()
         try:
             save_file(tensors, str(tmp), metadata=self._metadata())
             os.replace(tmp, path)
@@ -389,6 +416,7 @@ class PromptTuner:
             suffix_text=meta["suffix_text"],
             reference_words=json.loads(meta["reference_words"]),
             batch_size=batch_size,
+            learn_offset="offset" in tensors,
         )
         if meta["template_sha"] != _sha(json.dumps(tuner.template)):
             raise ValueError(f"{path} was tuned with another chat template / answer prefix than this summarizer's")
@@ -398,6 +426,10 @@ class PromptTuner:
                 raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected (n, {tuner.dim})")
         tuner.prefix = torch.nn.Parameter(tensors["prefix"].float())
         tuner.suffix = torch.nn.Parameter(tensors["suffix"].float())
+        if "offset" in tensors:
+            if tuple(tensors["offset"].shape) != (tuner.dim,):
+                raise ValueError(f"{path}: offset has shape {tuple(tensors['offset'].shape)}, expected ({tuner.dim},)")
+            tuner.offset = torch.nn.Parameter(tensors["offset"].float())
         tuner.steps_trained = int(meta.get("steps_trained", "0"))
         return tuner
 
