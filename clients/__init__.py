@@ -1,1 +1,2 @@
-"""clients: see README.md for what lands here."""
+"""Flower ClientApps: the PyTorch device (``client_app``) over framework-free steps (``device``) and
+users' personal data (``users``)."""

@@ -8,33 +8,29 @@ cost metrics. Its samples, its drift embedding and its coordinates never do.
 Which user a device is comes from ``node_config["partition-id"]`` (set per virtual node by the
 simulation, or ``--node-config "partition-id=3"`` on a real SuperNode); what data that user has
 comes from the run config (``user-styles``, ``user-samples``, ``test-fraction``, ``corpus``, ``seed``).
+
+torch/transformers are imported inside the handlers that need them: under the Deployment Engine each
+message starts a fresh ClientApp process, and registering (or selecting from an empty cache) should
+not pay seconds of imports.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.device import (
-    DataConfig,
-    DeviceModels,
-    UserData,
-    choose,
-    device_models,
-    finetune_config,
-    set_threads,
-    train,
-    training_metrics,
-    user_data,
-)
 from strategies import protocol
-from xpert_fl.explain import ProbeConfig
-from xpert_fl.models import DEFAULT_SPEC
 
 app = ClientApp()
+LOG = logging.getLogger("flwr.xpert.device")
 
 
-def _data(context: Context) -> UserData:
+def _data(context: Context):
+    from clients.users import DataConfig, user_data
+
     try:
         partition = int(context.node_config["partition-id"])
     except (KeyError, TypeError, ValueError) as err:
@@ -42,10 +38,13 @@ def _data(context: Context) -> UserData:
     return user_data(partition, DataConfig.from_run_config(context.run_config))
 
 
-def _models(context: Context) -> DeviceModels:
+def _models(context: Context):
+    from clients import device
+    from xpert_fl.models import DEFAULT_SPEC
+
     spec = str(context.run_config.get("model", DEFAULT_SPEC))
-    models = device_models(spec, str(context.run_config.get("summarizer", spec)))
-    set_threads(_threads(context))
+    models = device.device_models(spec, str(context.run_config.get("summarizer", spec)))
+    device.set_threads(_threads(context))
     return models
 
 
@@ -65,17 +64,30 @@ def register(msg: Message, context: Context) -> Message:
 @app.query("select")
 def select(msg: Message, context: Context) -> Message:
     """Coordinates of the user's own data on the received basis -> nearest pLLM or merge (Eq. 1)."""
+    t0 = time.perf_counter()
     req = protocol.parse_select_request(msg.content)
     data = _data(context)
-    probe = ProbeConfig(**req.probe)
-    models = _models(context) if req.ids else None  # an empty cache needs no model at all
-    choice, _ = choose(models, data, req.basis, req.coords_by_id(), req.delta, req.max_parents, probe)
+    if not req.ids:  # an empty cache: start from the base model, no model needed to decide that
+        from xpert_fl.select import Choice
+
+        choice = Choice("base")
+    else:
+        from clients.device import choose
+        from xpert_fl.explain import ProbeConfig
+
+        choice, _ = choose(_models(context), data, req.basis, req.coords_by_id(), req.delta, req.max_parents,
+                           ProbeConfig(**req.probe))
+    LOG.info("%s: %s %s among %s pLLM(s) in %.1fs", data.user, choice.kind, list(choice.ids), len(req.ids),
+             time.perf_counter() - t0)
     return Message(protocol.choice_reply(choice), reply_to=msg)
 
 
 @app.train()
 def fit(msg: Message, context: Context) -> Message:
     """Merge if asked, fine-tune the chosen start on the user's data, upload the new adapter."""
+    from clients.device import finetune_config, train, training_metrics
+
+    t0 = time.perf_counter()
     req = protocol.parse_train_request(msg.content)
     data = _data(context)
     models = _models(context)
@@ -83,4 +95,6 @@ def fit(msg: Message, context: Context) -> Message:
     result = train(models, data, req.choice, req.adapters, config, req.compare_scratch)
     report = {"start": result.start_kind, "stop_reason": result.result.stop_reason}
     reply = protocol.upload_reply(result.result.adapter, training_metrics(result), report)
+    LOG.info("%s: fine-tuned from %s, %s steps, %.1fs in all", data.user, result.start_kind, result.result.steps,
+             time.perf_counter() - t0)
     return Message(reply, reply_to=msg)

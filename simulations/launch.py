@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -109,8 +110,9 @@ class FlowerProcesses:
             raise LaunchError("start the SuperLink first")
         name = f"supernode-{partition_id}"
         env = {**self.env, "FLWR_HOME": str(self.flwr_home / name)}
+        node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
         cmd = [_bin("flower-supernode"), "--insecure", "--superlink", self.address, "--host", "127.0.0.1",
-               "--port", str(free_port()), "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}"]
+               "--port", str(free_port()), "--node-config", node_config]
         return self._spawn(name, cmd, env)
 
     def _wait_healthy(self, proc: subprocess.Popen, url: str, name: str, timeout: float) -> None:
@@ -149,25 +151,21 @@ class FlowerProcesses:
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(cfg_file), "--stream"]
         if federation_config:
             cmd += ["--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
-        run_id = None
         deadline = time.monotonic() + timeout
-        with open(self.log_dir / "run.log", "w") as log:
-            proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
-            self.procs.append(("flwr-run", proc))
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                if run_id is None and (m := re.search(r"Successfully started run (\d+)", line)):
-                    run_id = int(m.group(1))
-                if echo and not _NOISE.search(line):
-                    print(line, end="", flush=True)
-                if time.monotonic() > deadline:
-                    break
-            if proc.poll() is None:
-                self._stop_run(run_id)
-                raise LaunchError(f"run {run_id} did not finish within {timeout:.0f}s; see {log.name}")
+        found: list[int] = []
+        log_path = self.log_dir / "run.log"
+        proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.procs.append(("flwr-run", proc))
+        reader = threading.Thread(target=_pump, args=(proc, log_path, echo, found), daemon=True)
+        reader.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._stop_run(found[0] if found else None)
+            raise LaunchError(f"run {found} did not finish within {timeout:.0f}s; see {log_path}") from None
+        reader.join(timeout=10)
+        run_id = found[0] if found else None
         if run_id is None:
             raise LaunchError(f"`flwr run` did not start a run; see {self.log_dir / 'run.log'}")
         status = self.wait_finished(run_id, timeout=max(30.0, deadline - time.monotonic()))
@@ -236,6 +234,19 @@ class FlowerProcesses:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _pump(proc: subprocess.Popen, log_path: Path, echo: bool, found: list[int]) -> None:
+    """Copy `flwr run --stream` output to the log (and, without Ray/absl noise, to the console)."""
+    assert proc.stdout is not None
+    with open(log_path, "w") as log:
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if not found and (m := re.search(r"Successfully started run (\d+)", line)):
+                found.append(int(m.group(1)))
+            if echo and not _NOISE.search(line):
+                print(line, end="", flush=True)
 
 
 def _toml_value(v: object) -> str:

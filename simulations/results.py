@@ -37,7 +37,7 @@ SUMMARY_FIELDS = (
     "round", "users", "ok", "failed", "cache_size", "basis_size", "accuracy", "judged", "merges", "base_starts",
     "steps", "seconds", "samples", "energy_joules", "steps_to_target", "seconds_to_target",
     "scratch_steps_to_target", "scratch_seconds_to_target", "bytes_received", "bytes_sent",
-    *(f"bytes_{k}" for k in protocol.KINDS), "round_seconds",
+    *(f"bytes_{k}" for k in protocol.KINDS), "round_seconds", "select_seconds", "train_seconds", "ingest_seconds",
 )
 
 
@@ -81,6 +81,9 @@ def round_summary(result: RoundResult) -> dict:
         "bytes_received": sum(u.bytes_received for u in users),
         "bytes_sent": sum(u.bytes_sent for u in users),
         "round_seconds": round(result.seconds, 1),
+        "select_seconds": result.phases.get("select"),
+        "train_seconds": result.phases.get("train"),
+        "ingest_seconds": result.phases.get("ingest"),
     }
     for k in protocol.KINDS:
         row[f"bytes_{k}"] = sum(u.bytes[k] for u in users)
@@ -214,7 +217,36 @@ def user_round_table(rows: Sequence[dict]) -> str:
             f"{r['round']:>3} {r['user']:<8} {str(r.get('label') or '-'):<11} {str(r.get('choice') or '-'):<7} "
             f"{str(r.get('chosen_label') or '-'):<12} {ok:<2} {dist:>6} "
             f"{'-' if steps is None else int(steps):>5} {'-' if scratch is None else int(scratch):>7} "
-            f"{'-' if secs is None else round(secs):>5} {r['bytes_received'] / 1024:>8.1f} {r['bytes_sent'] / 1024:>7.1f}"
-            f"  {r['status']}"
+            f"{'-' if secs is None else round(secs):>5} {r['bytes_received'] / 1024:>8.1f} "
+            f"{r['bytes_sent'] / 1024:>7.1f}  {r['status']}"
         )
+    return "\n".join(lines)
+
+
+def round_lines(out: str | Path) -> str:
+    """One line per round from summary.csv: cache/basis growth, accuracy, savings, traffic."""
+    with open(Path(out) / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def num(r: dict, k: str) -> float | None:
+        return float(r[k]) if r.get(k) not in (None, "") else None
+
+    lines, prev = [], None
+    for r in rows:
+        if r["round"] == "0":
+            lines.append(f"start:   cache {r['cache_size']} pLLMs, basis {r['basis_size']} words")
+        else:
+            acc = num(r, "accuracy")
+            judged = int(r["judged"] or 0)
+            acc_text = "n/a" if acc is None else f"{round(acc * judged)}/{judged}"
+            warm, cold = num(r, "steps_to_target"), num(r, "scratch_steps_to_target")
+            cost = "-" if warm is None or cold is None else f"{warm:.1f} vs {cold:.1f} from scratch"
+            select_kb = (int(r["bytes_basis+coords"]) + int(r["bytes_choice"])) / 1024
+            lines.append(
+                f"round {r['round']}: {r['ok']}/{r['users']} users ok, cache {prev['cache_size']}->{r['cache_size']}"
+                f" pLLMs, basis {r['basis_size']} words, accuracy {acc_text}, steps to target {cost}, "
+                f"{int(r['bytes_received']) / 2**20:.1f} MB down / {int(r['bytes_sent']) / 2**20:.1f} MB up "
+                f"(selection {select_kb:.0f} KB)"
+            )
+        prev = r
     return "\n".join(lines)

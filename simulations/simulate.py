@@ -7,9 +7,10 @@
    Users arrive a few per round, so later users choose among what earlier users uploaded.
 3. Print one line per user-round; the results folder is ``<out>`` (see ``simulations/results.py``).
 
-The default story (4 users, 2 per round, seed 0): users 0 and 3 write in the *elementary* style, for
-which the cloud has no pLLM; user 0 arrives in round 1 and uploads one; user 3 arrives in round 2
-and can start from it.
+The default story (4 users, 2 per round, seed 0, arrival order user-2, user-0 | user-1, user-3): users
+0 and 3 write in the *elementary* style, for which the cloud has no pLLM; user 0 arrives in round 1
+and uploads one, user 3 arrives in round 2 and can start from it. Users 1 (expert) and 2 (poetic)
+have a cloud pLLM of their style; the cloud's sarcastic pLLM is a distractor.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from simulations.launch import FlowerProcesses, repo_root
-from simulations.results import PLOTS, read_rounds, user_round_table
+from simulations.results import PLOTS, read_rounds, round_lines, user_round_table
 from xpert_fl.data import load_corpus
 from xpert_fl.finetune import FinetuneConfig
 from xpert_fl.models import DEFAULT_SPEC, load_model
@@ -31,7 +32,7 @@ from xpert_fl.production import build_cache
 DEMO_RUN_CONFIG = {
     "num-server-rounds": 2,
     "users-per-round": 2,
-    "user-styles": "elementary;sarcastic;poetic",
+    "user-styles": "elementary;expert;poetic",
     "user-samples": 12,
     "num-probe-prompts": 8,
     "probe-max-new-tokens": 24,
@@ -54,6 +55,7 @@ class SimulateConfig:
     cloud_samples: int = 32
     num_users: int = 4
     seed: int = 0
+    threads: int = 1  # torch threads for the cloud pLLMs, the server and each device (1 suits a shared 2-core CPU)
     resume: bool = False  # continue from <out>/cache (what the previous run left) instead of the cloud cache
     timeout: float = 3600.0
     run_config: dict = field(default_factory=dict)  # overrides of DEMO_RUN_CONFIG / pyproject defaults
@@ -66,6 +68,8 @@ class SimulateConfig:
             "corpus": self.corpus,
             "seed": self.seed,
             "min-nodes": self.num_users,
+            "server-threads": self.threads,
+            "device-threads": self.threads,
             **self.run_config,
             "results-dir": str(out),
             "cache-dir": str(out / "cache"),
@@ -75,8 +79,9 @@ class SimulateConfig:
 def build_cloud(cfg: SimulateConfig, out: Path, echo: bool = True) -> Path:
     cloud = out / "cloud-cache"
     base = load_model(cfg.spec)
-    ft = FinetuneConfig(max_steps=cfg.cloud_steps, lr=2e-3, batch_size=4, max_seq_len=128, eval_every=5,
-                        patience=100, seed=cfg.seed)
+    # held-out loss at the start and the end only: each evaluation is a pass over the style's test role
+    ft = FinetuneConfig(max_steps=cfg.cloud_steps, lr=2e-3, batch_size=4, max_seq_len=128,
+                        eval_every=cfg.cloud_steps, patience=1, seed=cfg.seed, threads=cfg.threads)
     build_cache(base, load_corpus(cfg.corpus), cfg.similarity, cloud, ft, styles=cfg.cloud_styles,
                 n_train=cfg.cloud_samples, seed=cfg.seed, progress=echo)
     del base
@@ -102,7 +107,7 @@ def simulate(cfg: SimulateConfig, echo: bool = True) -> list[dict]:
     run_config = cfg.full_run_config(out)
     say(f"[2/3] flower: local simulation, {cfg.num_users} virtual users, "
         f"{run_config['num-server-rounds']} rounds x {run_config['users-per-round'] or 'all'} users", flush=True)
-    federation = {"num-supernodes": cfg.num_users, "client-resources-num-cpus": 1}
+    federation = {"num-supernodes": cfg.num_users, "client-resources-num-cpus": cfg.threads}
     with FlowerProcesses(out / "logs", workdir=repo_root()) as flower:
         flower.start_superlink(simulation=True)
         status = flower.run(repo_root(), run_config, federation, timeout=cfg.timeout, echo=echo)
@@ -111,6 +116,7 @@ def simulate(cfg: SimulateConfig, echo: bool = True) -> list[dict]:
                                               "seconds": time.perf_counter() - t0}))
     say("[3/3] what happened (one line per user-round):", flush=True)
     say(user_round_table(rows))
+    say(round_lines(out))
     say(f"\n{time.perf_counter() - t0:.0f}s in all; results in {out}/ (rounds.jsonl, summary.csv, "
         f"{', '.join(PLOTS)})")
     return rows

@@ -1,1 +1,2 @@
-"""strategies: see README.md for what lands here."""
+"""Flower server side: XPerTStrategy (``xpert``), its pLLM store (``pllm_server``), the ServerApp
+(``server_app``) and the message contract shared with devices (``protocol``)."""

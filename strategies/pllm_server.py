@@ -22,7 +22,7 @@ from xpert_fl.data import load_corpus, split_roles
 from xpert_fl.explain import Explainer, ProbeConfig, explain_cache, open_basis
 from xpert_fl.models import load_model
 from xpert_fl.probe import probe_prompts
-from xpert_fl.summarizer import Summarizer
+from xpert_fl.summarizer import Summarizer, SummarizerConfig
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class Ingested:
     entry: CacheEntry
     duplicate: bool
     added_words: list[str]
+    examined: int  # candidate words whose sub-vector was computed (paper Table 2)
+    residual_ratio: float | None
     explain_seconds: float
 
 
@@ -54,14 +56,17 @@ class PLLMServer:
         tau_orth: float = 0.1,
         tau_res: float = 0.2,
         orthogonalize: bool = True,
+        max_candidates: int = 64,
         seed: int = 0,
     ) -> PLLMServer:
         """Load the models (once), open or create the cache and its basis, explain what is unexplained.
 
         Probe prompts come from the corpus's *test* role, disjoint from every user's data.
+        ``max_candidates``: candidate words Algorithm 1 may examine per pLLM (each costs one forward).
         """
         base = load_model(model)
-        summ = Summarizer(base if summarizer == model else load_model(summarizer))
+        summ_model = base if summarizer == model else load_model(summarizer)
+        summ = Summarizer(summ_model, SummarizerConfig(n_candidates=max_candidates))
         cache = PLLMCache(cache_dir, BaseInfo.from_loaded(base))
         basis = open_basis(cache.root, summ, tau_orth, tau_res, orthogonalize)
         prompts = probe_prompts(num_probe_prompts, split_roles(load_corpus(corpus), seed=seed)["test"], seed=seed)
@@ -102,7 +107,7 @@ class PLLMServer:
         base = self.cache.base
         validate_adapter(adapter, base.fingerprint, base.shapes, max_bytes=self.cache.max_bytes)
         if adapter.content_hash in self.cache:
-            return Ingested(self.cache.get(adapter.content_hash), True, [], 0.0)
+            return Ingested(self.cache.get(adapter.content_hash), True, [], 0, None, 0.0)
         entry = self.cache.add(adapter, parents=parents, metrics=metrics, label=label)
         t0 = time.perf_counter()
         try:
@@ -110,5 +115,8 @@ class PLLMServer:
         except BaseException:
             self.cache.remove(entry.id)
             raise
-        added = decs[entry.id].added if entry.id in decs else []
-        return Ingested(self.cache.get(entry.id), False, list(added), time.perf_counter() - t0)
+        dec = decs.get(entry.id)
+        return Ingested(
+            self.cache.get(entry.id), False, list(dec.added) if dec else [], dec.examined if dec else 0,
+            dec.residual_ratio if dec else None, time.perf_counter() - t0,
+        )

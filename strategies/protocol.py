@@ -23,15 +23,17 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from xpert_fl.adapters import Adapter, AdapterError
 from xpert_fl.basis import Basis
 from xpert_fl.select import Choice
+
+if TYPE_CHECKING:  # torch/peft take seconds to import: only the train messages need them
+    from xpert_fl.adapters import Adapter
 
 # --- message types (Flower routes "<category>.<action>"; categories: train / evaluate / query) ---
 REGISTER = "query.register"
@@ -203,6 +205,10 @@ def adapter_records(adapter: Adapter, name: str) -> dict[str, ArrayRecord | Conf
 def parse_adapter(content: RecordDict, name: str) -> Adapter:
     """The adapter stored under ``name``; ProtocolError if a record is missing or malformed
     (whether it fits the base model is checked by the receiver with validate_adapter)."""
+    import torch
+
+    from xpert_fl.adapters import Adapter
+
     arrays = _arrays(content, f"{name}.arrays")
     record = _config(content, f"{name}.config")
     config = _json(record, "config")
@@ -239,6 +245,8 @@ def train_request(choice: Choice, adapters: Sequence[Adapter], finetune: Mapping
 
 
 def parse_train_request(content: RecordDict) -> TrainRequest:
+    from xpert_fl.adapters import AdapterError
+
     meta = _json(_config(content, "train"), "meta")
     if not isinstance(meta, dict) or not isinstance(meta.get("finetune"), dict):
         raise ProtocolError("train meta must be a JSON object with a 'finetune' object")

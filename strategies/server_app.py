@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -26,6 +27,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = XPerTConfig.from_run_config(context.run_config)
+    if cfg.server_threads > 0:  # on a shared CPU, more threads than free cores slow torch down 10x
+        torch.set_num_threads(cfg.server_threads)
     out = Path(cfg.results_dir).expanduser().resolve()
     cache_dir = Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else out / "cache"
     writer = ResultsWriter(out, context.run_config, cache_dir)
@@ -39,6 +42,7 @@ def main(grid: Grid, context: Context) -> None:
         tau_orth=cfg.tau_orth,
         tau_res=cfg.tau_res,
         orthogonalize=cfg.orthogonalize,
+        max_candidates=cfg.max_candidates,
         seed=cfg.seed,
     )
     writer.start(server)

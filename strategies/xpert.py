@@ -51,6 +51,7 @@ class XPerTConfig:
     min_nodes: int = 2  # wait for this many connected nodes before the first round
     timeout: float = 1800.0  # seconds to wait for the replies of one phase
     seed: int = 0
+    server_threads: int = 1  # torch threads of the server process (0: torch's default, all cores)
     model: str = "smollm2-135m-instruct"
     summarizer: str = "smollm2-135m-instruct"
     corpus: str = "builtin"
@@ -62,6 +63,7 @@ class XPerTConfig:
     tau_orth: float = 0.1
     tau_res: float = 0.2
     orthogonalize: bool = True
+    max_candidates: int = 16  # candidate words examined per pLLM at most (each costs one forward)
     merge_delta: float = math.inf  # L1 distance above which a merge is tried; inf: never merge
     max_parents: int = 3
     max_steps: int = 12
@@ -127,6 +129,8 @@ class UserRound:
     new_id: str | None = None
     explanation: str | None = None
     added_words: list[str] = field(default_factory=list)
+    examined: int = 0
+    residual_ratio: float | None = None
     explain_seconds: float | None = None
     finetune: dict = field(default_factory=dict)  # the device's cost metrics
     bytes: dict = field(default_factory=lambda: {k: 0 for k in protocol.KINDS})
@@ -157,6 +161,18 @@ class RoundResult:
     basis_size: int
     basis_words: list[str]
     seconds: float
+    phases: dict = field(default_factory=dict)  # seconds per phase: register, select, train, ingest
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 2)
+        self._t = now
 
 
 def _natural(text: str) -> list:
@@ -211,6 +227,9 @@ class XPerTStrategy:
             node = reply.metadata.src_node_id
             if node not in sent:
                 continue
+            down, up = self._register_bytes.get(node, (0, 0))  # failed attempts count too
+            self._register_bytes[node] = (down + protocol.message_bytes(sent[node][0]),
+                                          up + protocol.message_bytes(reply))
             if reply.has_error():
                 LOG.warning("node %s: registration failed (%s)", node, _reply_error(reply))
                 continue
@@ -220,7 +239,6 @@ class XPerTStrategy:
                 LOG.warning("node %s: invalid registration (%s)", node, err)
                 continue
             self.users[node] = (user, label)
-            self._register_bytes[node] = (protocol.message_bytes(sent[node][0]), protocol.message_bytes(reply))
             done.append(node)
         return done
 
@@ -359,17 +377,19 @@ class XPerTStrategy:
             rec.status = "duplicate" if done.duplicate else "ok"
             rec.new_id, rec.explanation = done.entry.id, done.entry.explanation
             rec.added_words, rec.explain_seconds = done.added_words, done.explain_seconds
-            LOG.info("round %s %s: %s %s (%s)", server_round, rec.user, "already cached" if done.duplicate else "cached",
-                     rec.new_id, rec.explanation)
+            rec.examined, rec.residual_ratio = done.examined, done.residual_ratio
+            what = "already cached" if done.duplicate else "cached"
+            LOG.info("round %s %s: %s %s (%s)", server_round, rec.user, what, rec.new_id, rec.explanation)
         for node, (_, rec) in sent.items():
             if node not in got:
                 rec.fail("train-timeout", "no reply within the timeout")
         return [self._current[n] for n in self._current]
 
-    def finish_round(self, server_round: int, seconds: float) -> RoundResult:
+    def finish_round(self, server_round: int, seconds: float, phases: dict | None = None) -> RoundResult:
         users = sorted(self._current.values(), key=lambda r: (_natural(r.user), r.node_id))
         result = RoundResult(
-            server_round, users, len(self.server.cache), self.server.basis.size, list(self.server.basis.words), seconds
+            server_round, users, len(self.server.cache), self.server.basis.size, list(self.server.basis.words), seconds,
+            dict(phases or {}),
         )
         self.history.append(result)
         self._current = {}
@@ -394,17 +414,23 @@ class XPerTStrategy:
         self.wait_for_nodes(grid, timeout)
         for r in range(1, num_rounds + 1):
             t0 = time.perf_counter()
+            clock = _Clock()
             nodes = list(grid.get_node_ids())
             if msgs := self.configure_register(nodes):
                 self.aggregate_register(grid.send_and_receive(msgs, timeout=timeout))
+            clock.lap("register")
             sampled = self.sample(r, nodes)
             LOG.info("[ROUND %s/%s] %s user(s): %s", r, num_rounds, len(sampled),
                      ", ".join(self.users[n][0] for n in sampled))
             replies = grid.send_and_receive(self.configure_select(r, sampled), timeout=timeout)
             choices = self.aggregate_select(r, replies)
+            clock.lap("select")
             if msgs := self.configure_train(r, choices):
-                self.aggregate_train(r, grid.send_and_receive(msgs, timeout=timeout))
-            result = self.finish_round(r, time.perf_counter() - t0)
-            LOG.info("[ROUND %s] cache %s pLLMs, basis %s words, %.0fs", r, result.cache_size, result.basis_size,
-                     result.seconds)
+                replies = grid.send_and_receive(msgs, timeout=timeout)
+                clock.lap("train")
+                self.aggregate_train(r, replies)
+                clock.lap("ingest")
+            result = self.finish_round(r, time.perf_counter() - t0, clock.laps)
+            LOG.info("[ROUND %s] cache %s pLLMs, basis %s words, %.0fs (%s)", r, result.cache_size, result.basis_size,
+                     result.seconds, ", ".join(f"{k} {v:.0f}s" for k, v in result.phases.items()))
         return self.history

@@ -16,8 +16,9 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 from peft import LoraConfig, get_peft_model
 
-from clients import client_app
-from clients.device import DataConfig, device_models, parse_user_styles, user_data
+from clients import client_app, device
+from clients.device import device_models
+from clients.users import DataConfig, parse_user_styles, user_data
 from strategies import protocol
 from strategies.pllm_server import PLLMServer
 from strategies.xpert import XPerTConfig, XPerTStrategy
@@ -28,7 +29,7 @@ from xpert_fl.explain import Explainer, ProbeConfig, open_basis, user_drift
 from xpert_fl.finetune import shared_copy
 from xpert_fl.models import DEFAULT_SPEC
 from xpert_fl.probe import probe_prompts
-from xpert_fl.summarizer import Summarizer
+from xpert_fl.summarizer import Summarizer, SummarizerConfig
 
 RUN_CONFIG = {
     "model": DEFAULT_SPEC, "summarizer": DEFAULT_SPEC, "corpus": "builtin", "user-styles": "sarcastic;poetic",
@@ -70,7 +71,7 @@ def random_pllm(base, seed: int) -> Adapter:
 def round_trip(base, tmp_path_factory):
     """Server + device through one round; returns everything the tests look at."""
     root = tmp_path_factory.mktemp("client")
-    summarizer = Summarizer(base)
+    summarizer = Summarizer(base, SummarizerConfig(n_candidates=8))  # few candidate words: fast
     cache = PLLMCache(root / "cache", BaseInfo.from_loaded(base))
     cache.add(random_pllm(base, 0), label="sarcastic")
     basis = open_basis(cache.root, summarizer, 0.1, 0.2, True)
@@ -128,7 +129,7 @@ def test_one_round_through_the_handlers(round_trip):
 
 
 def test_empty_cache_select_needs_no_model(round_trip, monkeypatch):
-    monkeypatch.setattr(client_app, "device_models", lambda *a: pytest.fail("no model needed"))
+    monkeypatch.setattr(device, "device_models", lambda *a: pytest.fail("no model needed"))
     msg = Message(
         protocol.select_request(protocol.SelectRequest(round_trip["server"].basis, (), np.zeros((0, 0)), 1.0, 3, {})),
         dst_node_id=7, message_type=protocol.SELECT,

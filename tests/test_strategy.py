@@ -140,7 +140,8 @@ class FakeDevice:
             "duplicate": req.adapters[0] if req.adapters else adapter(self.seed),
         }.get(self.mode, adapter(100 * self.seed + len(self.received)))
         metrics = {"steps": 4, "seconds": 1.5, "samples_consumed": 8, "energy_joules": 3.0, "reached_target": 1.0,
-                   "steps_to_target": 2, "scratch_steps": 6, "scratch_steps_to_target": 6, "scratch_reached_target": 1.0}
+                   "steps_to_target": 2, "scratch_steps": 6, "scratch_steps_to_target": 6,
+                   "scratch_reached_target": 1.0}
         return Message(protocol.upload_reply(new, metrics, {"start": req.choice.kind}), reply_to=msg)
 
 
@@ -169,9 +170,11 @@ def cfg(**kw) -> XPerTConfig:
     return XPerTConfig.from_run_config({**base, **{k.replace("_", "-"): v for k, v in kw.items()}})
 
 
-def devices(n: int, modes: dict[int, str] | None = None, first_node: int = 101) -> list[FakeDevice]:
+def devices(n: int, modes: dict[int, str] | None = None, first_node: int = 101, seed: int = 0) -> list[FakeDevice]:
     modes = modes or {}
-    return [FakeDevice(first_node + 7 * i, f"user-{i}", f"style{i % 2}", i, modes.get(i, "ok")) for i in range(n)]
+    return [
+        FakeDevice(first_node + 7 * i, f"user-{i}", f"style{i % 2}", seed + i, modes.get(i, "ok")) for i in range(n)
+    ]
 
 
 def test_config_from_run_config_types_and_defaults():
@@ -217,7 +220,8 @@ def test_bytes_are_measured_per_device_and_kind(tmp_path):
         b = u.bytes
         assert all(b[k] > 0 for k in protocol.KINDS), b
         dev = grid.devices[u.node_id]
-        by_type = {m.metadata.message_type: protocol.message_bytes(m) for m in grid.sent if m.metadata.dst_node_id == dev.node}
+        mine = [m for m in grid.sent if m.metadata.dst_node_id == dev.node]
+        by_type = {m.metadata.message_type: protocol.message_bytes(m) for m in mine}
         assert b[protocol.REGISTER_DOWN] == by_type[protocol.REGISTER]
         assert b[protocol.BASIS_COORDS] == by_type[protocol.SELECT]
         assert b[protocol.ADAPTER_DOWN] == by_type[protocol.TRAIN]
@@ -346,3 +350,21 @@ def test_protocol_round_trips_and_hides_distances():
     assert parsed.distances == {} and parsed.distance == 0.7
     with pytest.raises(protocol.ProtocolError):
         protocol.parse_select_request(RecordDict())
+
+
+def test_cache_and_basis_persist_across_runs(tmp_path):
+    """A second run (new server objects, same directory) offers what the first left and builds on it."""
+    from xpert_fl.explain import BASIS_FILE
+
+    server = make_server(tmp_path)
+    XPerTStrategy(cfg(num_server_rounds=1), server).start(FakeGrid(devices(2)))
+    ids, coords = server.offer()
+    assert len(ids) == 2 and (tmp_path / "cache" / BASIS_FILE).is_file()
+
+    again = PLLMServer(PLLMCache(tmp_path / "cache"), Basis.load(tmp_path / "cache" / BASIS_FILE), FakeExplainer())
+    assert again.explain_pending() == 0  # nothing to re-explain
+    ids2, coords2 = again.offer()
+    assert ids2 == ids and np.allclose(coords2, coords) and again.basis.words == server.basis.words
+    (result,) = XPerTStrategy(cfg(num_server_rounds=1), again).start(FakeGrid(devices(2, first_node=500, seed=50)))
+    assert all(u.offered == 2 and u.status == "ok" for u in result.users)
+    assert len(again.cache) == 4 and {e.parents[0] for e in again.cache.entries()[2:]} <= set(ids)

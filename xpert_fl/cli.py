@@ -175,7 +175,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.simulate import SimulateConfig, simulate
 
     cfg = SimulateConfig(out=args.out, spec=args.spec, num_users=args.users, seed=args.seed, resume=args.resume,
-                         cloud_styles=tuple(args.cloud_styles), cloud_steps=args.cloud_steps,
+                         cloud_styles=tuple(args.cloud_styles), cloud_steps=args.cloud_steps, threads=args.threads,
                          run_config=parse_config_args(args.run_config))
     simulate(cfg)
     return 0
@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud-styles", nargs="+", default=["sarcastic", "poetic", "expert"])
     p.add_argument("--cloud-steps", type=int, default=20, help="fine-tuning steps per cloud pLLM")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (server, each device)")
     p.add_argument("--resume", action="store_true", help="start from the cache the previous run left")
     p.add_argument("--run-config", action="append", default=[],
                    help='run-config overrides (pyproject keys), e.g. "num-server-rounds=3 users-per-round=1"')
