@@ -143,6 +143,7 @@ def plot(rows: Sequence[dict], out: Path) -> list[Path]:
     ax.plot(rounds, [r["cache_size"] for r in rows], "o-", label="cached pLLMs")
     ax.plot(rounds, [r["basis_size"] for r in rows], "s--", label="basis words")
     ax.set_xlabel("round (0 = start)")
+    ax.set_xticks(rounds)
     ax.set_ylabel("count")
     ax.set_title("Cache and basis size")
     ax.legend()
@@ -170,7 +171,8 @@ def plot(rows: Sequence[dict], out: Path) -> list[Path]:
         ax.set_xlabel("round")
         ax.set_ylabel(f"{what} to target ({unit}), mean per user")
         ax.set_xticks(xs)
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, 1.35 * max([*warm, *cold, 1e-9]))  # room for the legend
+        ax.legend(fontsize=8, loc="upper right")
     fig.suptitle("Fine-tuning cost to the same target loss")
     paths.append(_save(fig, out / PLOTS[2]))
 
@@ -180,6 +182,7 @@ def plot(rows: Sequence[dict], out: Path) -> list[Path]:
         per_user = [(r[f"bytes_{k}"] or 0) / max(r["users"], 1) for r in done]
         ax.bar([x - 0.4 + (j + 0.5) * width for x in xs], [max(v, 1) for v in per_user], width, label=k)
     ax.set_yscale("log")
+    ax.set_ylim(top=ax.get_ylim()[1] * 30)  # room for the legend
     ax.set_xlabel("round")
     ax.set_ylabel("bytes per device (log)")
     ax.set_xticks(xs)

@@ -185,3 +185,17 @@ def test_audit_no_personal_text_or_embedding_leaves_the_device(base, round_trip)
     assert set(round_trip["sent"]["select"].content.keys()) == {"choice"}
     assert dict(round_trip["sent"]["register"].content["register"]) == {"user": "user-0", "label": "sarcastic"}
     assert set(round_trip["sent"]["train"].content.keys()) == {"upload.arrays", "upload.config", "finetune", "report"}
+
+
+def test_start_adapter_merges_validates_or_starts_from_base(base):
+    from xpert_fl.adapters import AdapterError
+    from xpert_fl.select import Choice
+
+    a, b = random_pllm(base, 1), random_pllm(base, 2)
+    merged = device.start_adapter(base, Choice("merge", (a.content_hash, b.content_hash), (0.7, 0.3), 0.1), [a, b])
+    assert merged.config["r"] == 4 and set(merged.tensors) == set(a.tensors)
+    assert device.start_adapter(base, Choice("single", (a.content_hash,), (1.0,), 0.1), [a]) is a
+    assert device.start_adapter(base, Choice("base"), []) is None
+    foreign = Adapter(a.config, a.tensors, "another-base")
+    with pytest.raises(AdapterError):
+        device.start_adapter(base, Choice("single", (foreign.content_hash,), (1.0,), 0.1), [foreign])
