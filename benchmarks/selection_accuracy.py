@@ -26,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import cached_json  # noqa: E402
 
 from xpert_fl.basis import Basis, report  # noqa: E402
 from xpert_fl.cache import PLLMCache  # noqa: E402
@@ -53,14 +54,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def cached_json(path: Path, make):
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = make()
-    path.write_text(json.dumps(value))
-    return value
 
 
 def main() -> None:

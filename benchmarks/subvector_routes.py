@@ -40,14 +40,6 @@ EXTRA_WORDS = (
 ).split()
 
 
-def cached_json(path: Path, make):
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = make()
-    path.write_text(json.dumps(value))
-    return value
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-reference", type=int, default=12, help="words drawn from REFERENCE_WORDS")
