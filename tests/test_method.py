@@ -78,7 +78,9 @@ def test_adapters_to_explanations_to_selection(base, summarizer, corpus, tmp_pat
     basis = open_basis(cache.root, summarizer, tau_orth=0.1, tau_res=0.2, orthogonalize=True)
     decs = explain_cache(cache, Explainer(base, summarizer, prompts, PROBE), basis, progress=False)
     assert len(decs) == 2 and basis.size >= 1
-    assert all(d.examined >= 1 for d in decs.values())
+    # words examined once are remembered by the basis, so a later pLLM may examine none of its own
+    assert sum(d.examined for d in decs.values()) >= 1
+    assert all(d.residual_ratio <= basis.tau_res or d.exhausted for d in decs.values())
     entries = cache.entries()
     assert all(e.coords is not None and len(e.coords) == basis.size and e.explanation for e in entries)
     assert (cache.root / BASIS_FILE).is_file()
