@@ -13,7 +13,6 @@ import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.task_identity import TaskIdentity
 from peft import LoraConfig, get_peft_model
 
 from clients import client_app, device
@@ -31,6 +30,8 @@ from xpert_fl.models import DEFAULT_SPEC
 from xpert_fl.probe import probe_prompts
 from xpert_fl.summarizer import Summarizer, SummarizerConfig
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity", "one_thread")
+
 RUN_CONFIG = {
     "model": DEFAULT_SPEC, "summarizer": DEFAULT_SPEC, "corpus": "builtin", "user-styles": "sarcastic;poetic",
     "user-samples": 4, "test-fraction": 0.25, "seed": 0, "device-threads": 1, "num-server-rounds": 1,
@@ -38,22 +39,6 @@ RUN_CONFIG = {
     "eval-every": 1, "patience": 2, "batch-size": 2, "max-seq-len": 96, "rank": 2, "compare-scratch": True,
 }
 PROBE = ProbeConfig(max_new_tokens=16, batch_size=4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def random_pllm(base, seed: int) -> Adapter:

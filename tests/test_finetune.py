@@ -34,17 +34,11 @@ from xpert_fl.finetune import (
     with_target,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = FinetuneConfig(
     max_seq_len=64, batch_size=2, eval_batch_size=2, max_steps=4, eval_every=2, lr=3e-3, seed=0, threads=1
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from xpert_fl.select import Choice, merge_weights, merged_coordinates, nearest, 
 # --- nearest (Eq. 1) ----------------------------------------------------------------------------------
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 def test_nearest_is_l1_argmin_with_zero_padding():
     coords = {
         "a": np.array([1.0, 0.0, 0.0]),
@@ -196,15 +198,6 @@ def test_choice_json_round_trip_carries_no_user_coordinate():
 # --- merging real LoRA adapters ------------------------------------------------------------------------
 
 WEIGHTS = (0.5, 0.3, 0.4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads run several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

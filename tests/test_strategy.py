@@ -15,7 +15,6 @@ import torch
 from flwr.app import Error, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
-from flwr.supercore.task_identity import TaskIdentity
 
 from strategies import protocol
 from strategies.pllm_server import PLLMServer
@@ -26,18 +25,11 @@ from xpert_fl.cache import BaseInfo, PLLMCache
 from xpert_fl.select import Choice
 from xpert_fl.summarizer import Drift
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
 DIM = 16
 MODULE = "model.layers.0.self_attn.q_proj"
 WORDS = [f"word{i}" for i in range(40)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def task_identity():
-    """Messages created outside a Flower process need a run/node identity."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def _rng(text: str) -> np.random.Generator:
