@@ -14,3 +14,13 @@ def cached_json(path: Path, make: Callable[[], object]):
     value = make()
     path.write_text(json.dumps(value))
     return value
+
+
+def cached_answers(path: Path, keys: list[str], make: Callable[[list[str]], list[str]]) -> dict[str, str]:
+    """A growing ``key -> generated text`` store: only keys a previous run did not cover are generated."""
+    have = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [k for k in keys if k not in have]
+    if missing:
+        have.update(zip(missing, make(missing), strict=True))
+        path.write_text(json.dumps(have))
+    return have

@@ -26,10 +26,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import cached_json  # noqa: E402
+from _common import cached_answers, cached_json  # noqa: E402
 
 from xpert_fl.basis import Basis, report  # noqa: E402
 from xpert_fl.cache import PLLMCache  # noqa: E402
+from xpert_fl.chat import chat_prompt  # noqa: E402
 from xpert_fl.data import load_corpus, similarity_mixture, split_roles, user_samples  # noqa: E402
 from xpert_fl.explain import ProbeConfig, adapter_answers  # noqa: E402
 from xpert_fl.finetune import FinetuneConfig  # noqa: E402
@@ -40,9 +41,10 @@ from xpert_fl.select import nearest  # noqa: E402
 from xpert_fl.summarizer import Summarizer, SummarizerConfig  # noqa: E402
 
 VARIANTS = {
+    "response-pool (default)": SummarizerConfig(),
     "paper-slot+null": SummarizerConfig(embedding="slot", calibrate=True),
     "paper-slot-raw": SummarizerConfig(embedding="slot", calibrate=False),
-    "mean-pool+ref": SummarizerConfig(embedding="mean-pool", calibrate=True),
+    "mean-pool+ref": SummarizerConfig(embedding="mean-pool", calibrate=True, layer=1.0),
 }
 
 
@@ -73,6 +75,8 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="pLLM cache to build into / reuse (default: under --work)")
     ap.add_argument("--self-reported", type=int, default=24,
                     help="also score pLLM coordinates self-reported from this many of their training samples (0: off)")
+    ap.add_argument("--paper-basis", action="store_true",
+                    help="Algorithm 1 as published (no Gram-Schmidt, no residual completion)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if args.threads:
@@ -101,6 +105,7 @@ def main() -> None:
         prompts = test_prompts
     else:  # prompt-less corpus: probe with prefixes of held-out neutral text
         prompts = [" ".join(s.response.split()[:8]) for s in roles["test"].neutral][: args.probe_prompts]
+    contexts = [chat_prompt(base.tokenizer, p) for p in prompts] if chat else prompts
     base_answers = cached_json(
         work / "base_answers.json",
         lambda: generate(base.model, base.tokenizer, prompts, probe.max_new_tokens, probe.batch_size, chat=chat),
@@ -131,14 +136,14 @@ def main() -> None:
     for name in args.variants:
         summarizer = Summarizer(base, VARIANTS[name])
         tv = time.perf_counter()
-        drifts = {e.id: summarizer.drift(base_answers, _nonempty(pllm_answers[e.id])) for e in entries}
-        basis = Basis(dim=summarizer.dim, summarizer=summarizer.fingerprint)
+        drifts = {e.id: summarizer.drift(base_answers, _nonempty(pllm_answers[e.id]), contexts) for e in entries}
+        basis = _basis(summarizer, args)
         decs = [basis.decompose(d.vector, d.candidates, summarizer.subvector) for d in drifts.values()]
         coords = dict(zip(drifts, basis.project_all([d.vector for d in drifts.values()]), strict=True))
         raw = {i: d.vector for i, d in drifts.items()}
         hits = {"basis": 0, "raw": 0}
         per_user = []
-        user_drifts = [summarizer.drift(refs, styled) for refs, styled in user_refs]
+        user_drifts = [summarizer.drift(*triple) for triple in user_refs]
         for (style, u, _), d in zip(users, user_drifts, strict=True):
             c_basis = nearest(basis.coordinates(d.vector), coords).ids[0]
             c_raw = nearest(d.vector, raw).ids[0]
@@ -146,9 +151,9 @@ def main() -> None:
             hits["raw"] += label[c_raw] == style
             per_user.append({"style": style, "user": u, "basis_choice": label[c_basis], "raw_choice": label[c_raw]})
         if own:
-            own_d = {e.id: summarizer.drift(*refs) for e, refs in zip(entries, own_refs, strict=True)}
+            own_d = {e.id: summarizer.drift(*triple) for e, triple in zip(entries, own_refs, strict=True)}
             own_drift = {i: d.vector for i, d in own_d.items()}
-            own_basis = Basis(dim=summarizer.dim, summarizer=summarizer.fingerprint)
+            own_basis = _basis(summarizer, args)
             for d in own_d.values():
                 own_basis.decompose(d.vector, d.candidates, summarizer.subvector)
             own_coords = dict(zip(own_drift, own_basis.project_all(list(own_drift.values())), strict=True))
@@ -168,6 +173,7 @@ def main() -> None:
                 "self_reports_verified_by_probe": verified / len(entries)} if own else {}),
             "basis_size": basis.size,
             "basis_words": basis.words,
+            "residual_words": sorted(basis.residual_words),
             "table2": report(decs),
             "explanations": {label[i]: basis.explain(c) for i, c in coords.items()},
             "seconds": time.perf_counter() - tv,
@@ -179,29 +185,31 @@ def main() -> None:
     _plot(results, out / f"selection_accuracy_{tag}.png", tag)
 
 
+def _basis(summarizer: Summarizer, args) -> Basis:
+    product = not args.paper_basis
+    return Basis(dim=summarizer.dim, summarizer=summarizer.fingerprint, orthogonalize=product, complete=product)
+
+
 def _user_references(base, users, probe, work, chat, name="user"):
-    """Base answers to each user's prompts (or base continuations of their texts' prefixes)."""
+    """(references, texts, contexts) per user: base answers to the user's prompts in the same chat turn
+    (or base continuations of the same prefixes of the user's texts)."""
     from xpert_fl.explain import _split_text
 
-    pairs = []
     if chat:
         prompts = sorted({s.prompt for _, _, samples in users for s in samples})
-        answers = cached_json(
-            work / f"{name}_base_answers.json",
-            lambda: dict(zip(prompts, generate(base.model, base.tokenizer, prompts, probe.max_new_tokens,
-                                               probe.batch_size), strict=True)),
+        answers = cached_answers(
+            work / f"{name}_base_answers.json", prompts,
+            lambda todo: generate(base.model, base.tokenizer, todo, probe.max_new_tokens, probe.batch_size),
         )
-        for _, _, samples in users:
-            pairs.append((_nonempty([answers[s.prompt] for s in samples]), [s.response for s in samples]))
-        return pairs
+        return [(_nonempty([answers[s.prompt] for s in samples]), [s.response for s in samples],
+                 [chat_prompt(base.tokenizer, s.prompt) for s in samples]) for _, _, samples in users]
     splits = [[_split_text(s.response, probe.prefix_fraction) for s in samples] for _, _, samples in users]
     prefixes = sorted({p for sp in splits for p, _ in sp})
-    conts = cached_json(
-        work / f"{name}_base_continuations.json",
-        lambda: dict(zip(prefixes, generate(base.model, base.tokenizer, prefixes, probe.max_new_tokens,
-                                            probe.batch_size, chat=False), strict=True)),
+    conts = cached_answers(
+        work / f"{name}_base_continuations.json", prefixes,
+        lambda todo: generate(base.model, base.tokenizer, todo, probe.max_new_tokens, probe.batch_size, chat=False),
     )
-    return [(_nonempty([conts[p] for p, _ in sp]), [r for _, r in sp]) for sp in splits]
+    return [(_nonempty([conts[p] for p, _ in sp]), [r for _, r in sp], [p for p, _ in sp]) for sp in splits]
 
 
 def _nonempty(texts):

@@ -56,6 +56,7 @@ class PLLMServer:
         tau_orth: float = 0.1,
         tau_res: float = 0.2,
         orthogonalize: bool = True,
+        complete_basis: bool = True,
         max_candidates: int = 64,
         seed: int = 0,
     ) -> PLLMServer:
@@ -68,7 +69,7 @@ class PLLMServer:
         summ_model = base if summarizer == model else load_model(summarizer)
         summ = Summarizer(summ_model, SummarizerConfig(n_candidates=max_candidates))
         cache = PLLMCache(cache_dir, BaseInfo.from_loaded(base))
-        basis = open_basis(cache.root, summ, tau_orth, tau_res, orthogonalize)
+        basis = open_basis(cache.root, summ, tau_orth, tau_res, orthogonalize, complete_basis)
         prompts = probe_prompts(num_probe_prompts, split_roles(load_corpus(corpus), seed=seed)["test"], seed=seed)
         server = cls(cache, basis, Explainer(base, summ, prompts, probe or ProbeConfig()))
         server.explain_pending()

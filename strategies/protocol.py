@@ -136,6 +136,8 @@ def select_request(req: SelectRequest) -> RecordDict:
         "tau_res": b.tau_res,
         "summarizer": b.summarizer,
         "orthogonalize": b.orthogonalize,
+        "complete": b.complete,
+        "residual_words": sorted(b.residual_words),
         "delta": req.delta,  # may be Infinity (no merging): JSON with allow_nan
         "max_parents": req.max_parents,
         "probe": req.probe,
@@ -164,6 +166,8 @@ def parse_select_request(content: RecordDict) -> SelectRequest:
             tau_res=meta["tau_res"],
             summarizer=meta["summarizer"],
             orthogonalize=bool(meta["orthogonalize"]),
+            complete=bool(meta.get("complete", False)),
+            residual_words=set(meta.get("residual_words", [])),
         )
         ids = tuple(str(i) for i in meta["ids"])
         if coords.shape != (len(ids), basis.size):

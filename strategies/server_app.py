@@ -42,6 +42,7 @@ def main(grid: Grid, context: Context) -> None:
         tau_orth=cfg.tau_orth,
         tau_res=cfg.tau_res,
         orthogonalize=cfg.orthogonalize,
+        complete_basis=cfg.complete_basis,
         max_candidates=cfg.max_candidates,
         seed=cfg.seed,
     )

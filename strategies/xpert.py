@@ -63,6 +63,7 @@ class XPerTConfig:
     tau_orth: float = 0.1
     tau_res: float = 0.2
     orthogonalize: bool = True
+    complete_basis: bool = True  # residual completion when candidate words run out (basis.py)
     max_candidates: int = 16  # candidate words examined per pLLM at most (each costs one forward)
     merge_delta: float = math.inf  # L1 distance above which a merge is tried; inf: never merge
     max_parents: int = 3

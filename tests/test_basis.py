@@ -236,6 +236,32 @@ def test_exhausted_and_skipped_words():
     assert d2.added == ["style1"] and d2.examined == 1 and "decoy0" not in w.calls
 
 
+@pytest.mark.parametrize("orthogonalize", [False, True])
+def test_residual_completion_names_the_rest_of_the_drift(orthogonalize):
+    """complete=True: when candidates run out, the part of e outside the basis becomes the next
+    candidate word's vector (orthogonal to the basis), so the decomposition meets Eq. 3."""
+    w = World(seed=3)
+    e = w.vecs["style0"] + w.vecs["style1"] + 0.5 * w.vecs["random0"]
+    b = Basis(dim=D, complete=True, orthogonalize=orthogonalize)
+    d = b.decompose(e, ["style0", "decoy0", "poetic", "style9"], lambda x: w.vecs.get(x))
+    assert d.exhausted and d.added[0] == "style0"
+    # named by the most probable candidate not in the basis, even one whose own vector was rejected
+    assert b.residual_words == {"decoy0"} and d.added[-1] == "decoy0" and b.rejected == {"poetic"}
+    assert d.residual_ratio <= (1e-6 if orthogonalize else b.tau_res)
+    r = b.vectors[b.words.index("decoy0")].astype(np.float64)
+    assert all(abs(_cos(r, v)) < 1e-5 for word, v in zip(b.words, b.vectors, strict=True) if word != "decoy0")
+    again = b.decompose(e, ["decoy0"], w.subvector)  # in the span now: nothing added, nothing examined
+    assert again.added == [] and again.examined == 0 and not again.exhausted
+    paper = Basis(dim=D)
+    assert paper.decompose(e, ["style0", "decoy0"], w.subvector).residual_ratio > paper.tau_res
+
+
+def test_residual_completion_without_free_candidate_uses_a_generic_name():
+    b = Basis(dim=D, complete=True, words=["style1"], vectors=np.eye(D, dtype=np.float32)[:1])
+    d = b.decompose(np.arange(1.0, D + 1), ["style1"], lambda x: None)
+    assert d.added == ["style2"] and b.residual_words == {"style2"}
+
+
 # --- explanation ------------------------------------------------------------------------------------
 def test_explain_orders_by_magnitude_and_formats():
     b = Basis(dim=D, words=["sarcastic", "poetic", "concise", "formal"], vectors=np.eye(4, D))
@@ -264,15 +290,18 @@ def _built(seed: int = 3, orthogonalize: bool = False) -> tuple[Basis, World]:
 @pytest.mark.parametrize("orthogonalize", [False, True])
 def test_save_load_round_trip(tmp_path, orthogonalize):
     b, w = _built(orthogonalize=orthogonalize)
+    b.complete = True
+    b.decompose(w.rng.normal(size=D), ["fresh"], lambda x: None)  # a residual word
+    assert b.residual_words == {"fresh"}
     b.tau_orth, b.tau_res = 0.123456789, 0.1 + 0.2  # floats survive JSON exactly
     path = b.save(tmp_path / "sub" / "basis.safetensors")
     assert os.listdir(path.parent) == ["basis.safetensors"]  # no temp files left
     got = Basis.load(path, expect_summarizer="smol@abc")
-    assert got.words == b.words and got.rejected == b.rejected
+    assert got.words == b.words and got.rejected == b.rejected and got.residual_words == b.residual_words
     assert got.vectors.dtype == np.float32
     np.testing.assert_array_equal(got.vectors, b.vectors)
-    assert (got.dim, got.tau_orth, got.tau_res, got.summarizer, got.orthogonalize) == (
-        b.dim, b.tau_orth, b.tau_res, b.summarizer, b.orthogonalize,
+    assert (got.dim, got.tau_orth, got.tau_res, got.summarizer, got.orthogonalize, got.complete) == (
+        b.dim, b.tau_orth, b.tau_res, b.summarizer, b.orthogonalize, b.complete,
     )  # fmt: skip
     e = w.embedding()[0]
     np.testing.assert_array_equal(got.coordinates(e), b.coordinates(e))

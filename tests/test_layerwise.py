@@ -63,6 +63,16 @@ def test_layerwise_equals_full_forward(base, batch, reference, layerwise):
     assert 0 < runner.stats["load_seconds"] < runner.stats["total_seconds"]
 
 
+def test_layerwise_stops_at_an_intermediate_layer(base, batch, layerwise):
+    """``layers=k`` equals ``output_hidden_states[k]`` (the residual stream, no final norm)."""
+    runner = layerwise[0]
+    ids, mask, pos = batch
+    with torch.no_grad():
+        full = base.model.model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    got = runner.hidden_states(ids, mask, pos, layers=5)
+    torch.testing.assert_close(got[mask.bool()], full.hidden_states[5][mask.bool()], atol=1e-4, rtol=0)
+
+
 def test_layerwise_never_holds_the_whole_model(base, layerwise):
     *_, read_sizes = layerwise
     total = base.num_parameters()

@@ -13,6 +13,14 @@ Two modes:
   paper's scale, since a near-orthogonal ``v`` changes little). Eq. 2 on orthogonal vectors is the
   exact least-squares projection of ``e`` on the span of the accepted words' vectors.
 
+Residual completion (``complete=True``, beyond the paper): when a pLLM's candidate words run out
+before Eq. 3 holds, the part of ``e`` outside the basis's span becomes one more sub-vector, named by
+the pLLM's most probable candidate word not yet in the basis. It is route (a) applied to the pLLM
+itself: its outputs *are* texts in the style the summarizer names. The basis then spans every drift,
+so coordinates keep what the drift embedding knows (a small summarizer's word vectors do not span
+the drifts; measured in benchmarks/selection_accuracy.py). Such words are listed in
+``residual_words``: their vectors are measured from data, not from the word.
+
 Earlier pLLMs vs later words: a decomposition's coordinates cover the basis as it was then (implicitly
 zero on words added later). The server should re-project every pLLM on the final basis with
 ``project_all``: it costs one k×d product per pLLM, and the device's coordinate is a projection on
@@ -22,10 +30,11 @@ entries unchanged (each ``c_i`` depends only on ``e`` and ``v_i``); it fills in 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +81,9 @@ class Basis:
     tau_res: float = 0.2
     summarizer: str = ""  # fingerprint of the summarizer whose embedding space this is
     orthogonalize: bool = False
+    complete: bool = False
     rejected: set[str] = field(default_factory=set, repr=False)
+    residual_words: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int | np.integer) or self.dim < 1:
@@ -102,6 +113,9 @@ class Basis:
                 raise BasisError(f"orthogonalize=True but stored vectors have |cos| up to {worst:.2g}")
         self.vectors = np.ascontiguousarray(vectors)
         self.rejected = set(self.rejected)
+        self.residual_words = set(self.residual_words)
+        if not self.residual_words <= set(self.words):
+            raise BasisError(f"residual words {sorted(self.residual_words - set(self.words))} are not basis words")
 
     @property
     def size(self) -> int:
@@ -133,6 +147,7 @@ class Basis:
         return None to skip a word. All or nothing: on error the basis is left unchanged.
         """
         e = self._embedding(e)
+        consumed: list[str] = []  # candidates read so far, in order (residual completion names one)
         words, rows, rejected = list(self.words), list(self._v64()), set(self.rejected)
         seen = set(words) | rejected
         c = _coords(e, np.array(rows).reshape(-1, self.dim))
@@ -141,7 +156,7 @@ class Basis:
         examined = 0
         pending = iter(candidates)
         while ratio > self.tau_res:
-            word = next((w for w in pending if _check_word(w) not in seen), None)
+            word = _next_unseen(pending, seen, consumed)
             if word is None:
                 break
             seen.add(word)
@@ -159,9 +174,21 @@ class Basis:
             # Each c_i depends only on (e, v_i): the new word just appends one coordinate.
             c = np.append(c, _coords(e, v[None]))
             ratio = _ratio(e, c, np.array(rows))
-        self.words, self.rejected = words, rejected
+        exhausted = ratio > self.tau_res
+        residual_words = set(self.residual_words)
+        if exhausted and self.complete:
+            word = next((w for w in itertools.chain(consumed, pending) if w not in words), None) or _unnamed(words)
+            r = _outside_span(e, np.array(rows).reshape(-1, self.dim))
+            words.append(word)
+            rows.append(r)
+            added.append(word)
+            residual_words.add(word)
+            rejected.discard(word)
+            c = np.append(c, _coords(e, r[None]))
+            ratio = _ratio(e, c, np.array(rows))
+        self.words, self.rejected, self.residual_words = words, rejected, residual_words
         self.vectors = np.array(rows, dtype=np.float32).reshape(-1, self.dim)
-        return Decomposition(c, ratio, added, examined, exhausted=ratio > self.tau_res)
+        return Decomposition(c, ratio, added, examined, exhausted=exhausted)
 
     def _admit(self, v: np.ndarray, rows: list[np.ndarray]) -> np.ndarray | None:
         """The vector to store for a candidate, or None if it fails the orthogonality test."""
@@ -207,7 +234,9 @@ class Basis:
             "tau_res": self.tau_res,
             "summarizer": self.summarizer,
             "orthogonalize": self.orthogonalize,
+            "complete": self.complete,
             "rejected": sorted(self.rejected),
+            "residual_words": sorted(self.residual_words),
         }
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -239,6 +268,8 @@ class Basis:
             keys = ("words", "dim", "tau_orth", "tau_res", "summarizer", "orthogonalize")
             fields = {k: meta[k] for k in keys}
             rejected = meta.get("rejected", [])
+            fields["complete"] = bool(meta.get("complete", False))
+            fields["residual_words"] = set(meta.get("residual_words", []))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise BasisError(f"basis {path}: bad metadata ({err!r})") from err
         if expect_summarizer is not None and fields["summarizer"] != expect_summarizer:
@@ -269,6 +300,7 @@ def build_basis(
     tau_res: float = 0.2,
     summarizer: str = "",
     orthogonalize: bool = False,
+    complete: bool = False,
 ) -> tuple[Basis, list[Decomposition]]:
     """Algorithm 1 sequentially over pLLMs ``j = 0..N-1`` (``candidates_for(j)`` lists pLLM j's words).
 
@@ -286,6 +318,7 @@ def build_basis(
         tau_res=tau_res,
         summarizer=summarizer,
         orthogonalize=orthogonalize,
+        complete=complete,
     )
     decomps = [basis.decompose(e, candidates_for(j), subvector) for j, e in enumerate(embeddings)]
     return basis, decomps
@@ -322,6 +355,31 @@ def _check_vector(x: object, dim: int, what: str, dtype: type = np.float64) -> n
     if np.linalg.norm(v) <= _ZERO:
         raise BasisError(f"{what} is a zero vector")
     return v
+
+
+def _outside_span(e: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The component of ``e`` orthogonal to the span of the rows of ``v`` (least squares, twice for float)."""
+    r = e.copy()
+    for _ in range(2):
+        if len(v):
+            r = r - v.T @ np.linalg.lstsq(v.T, r, rcond=None)[0]
+    return r
+
+
+def _next_unseen(pending: Iterator[str], seen: set[str], consumed: list[str]) -> str | None:
+    """The next candidate not yet seen; every candidate read is appended to ``consumed``."""
+    for word in pending:
+        consumed.append(_check_word(word))
+        if word not in seen:
+            return word
+    return None
+
+
+def _unnamed(words: Sequence[str]) -> str:
+    i = 1
+    while f"style{i}" in words:
+        i += 1
+    return f"style{i}"
 
 
 def _coords(e: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -113,7 +113,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     base, summarizer, probe = _method(args)
     cache = PLLMCache(args.cache)
-    basis = open_basis(cache.root, summarizer, args.tau_orth, args.tau_res, args.orthogonalize)
+    basis = open_basis(cache.root, summarizer, args.tau_orth, args.tau_res, args.orthogonalize, args.complete)
     explainer = Explainer(base, summarizer, probe_prompts(args.probe_prompts), probe)
     start = time.perf_counter()
     decs = explain_cache(cache, explainer, basis)
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau-orth", type=float, default=0.1)
     p.add_argument("--tau-res", type=float, default=0.2)
     p.add_argument("--orthogonalize", action="store_true", help="Gram-Schmidt the basis (exact coordinates)")
+    p.add_argument("--no-complete", dest="complete", action="store_false",
+                   help="paper's Algorithm 1 only: no residual word when candidate words run out")
     method_args(p)
     p.set_defaults(func=cmd_explain)
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from xpert_fl.adapters import Adapter
 from xpert_fl.basis import Basis, BasisError, Decomposition
 from xpert_fl.cache import PLLMCache
+from xpert_fl.chat import chat_prompt
 from xpert_fl.data.corpus import Sample
 from xpert_fl.models import LoadedModel
 from xpert_fl.probe import generate
@@ -71,7 +72,8 @@ class Explainer:
         return adapter_answers(self.base, adapter, self.prompts, self.probe)
 
     def drift(self, adapter: Adapter) -> Drift:
-        return self.summarizer.drift(self.base_answers, _nonempty(self.pllm_answers(adapter)))
+        contexts = [chat_prompt(self.base.tokenizer, p) for p in self.prompts]
+        return self.summarizer.drift(self.base_answers, _nonempty(self.pllm_answers(adapter)), contexts)
 
     def explain(self, adapter: Adapter, basis: Basis) -> Explanation:
         """Drift -> Algorithm 1 on the shared basis (which may grow) -> coordinates and words."""
@@ -95,10 +97,11 @@ def user_drift(base: LoadedModel, summarizer: Summarizer, samples: Sequence[Samp
         raise ValueError("user data is empty: at least one sample is needed to compute coordinates")
     chat = [s for s in samples if s.prompt]
     plain = [s for s in samples if not s.prompt]
-    refs, styled = [], []
+    refs, styled, contexts = [], [], []
     if chat:
         refs += generate(base.model, base.tokenizer, [s.prompt for s in chat], probe.max_new_tokens, probe.batch_size)
         styled += [s.response for s in chat]
+        contexts += [chat_prompt(base.tokenizer, s.prompt) for s in chat]
     if plain:
         prefixes, rests = zip(*(_split_text(s.response, probe.prefix_fraction) for s in plain), strict=True)
         conts = generate(
@@ -106,7 +109,8 @@ def user_drift(base: LoadedModel, summarizer: Summarizer, samples: Sequence[Samp
         )
         refs += conts
         styled += list(rests)
-    return summarizer.drift(_nonempty(refs), styled)
+        contexts += list(prefixes)
+    return summarizer.drift(_nonempty(refs), styled, contexts)
 
 
 def user_coordinates(
@@ -156,14 +160,16 @@ def save_drifts(path: Path, drifts: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def open_basis(root: Path, summarizer: Summarizer, tau_orth: float, tau_res: float, orthogonalize: bool) -> Basis:
+def open_basis(
+    root: Path, summarizer: Summarizer, tau_orth: float, tau_res: float, orthogonalize: bool, complete: bool = True
+) -> Basis:
     """The cache's basis, or a new empty one for this summarizer."""
     path = root / BASIS_FILE
     if path.is_file():
         return Basis.load(path, expect_summarizer=summarizer.fingerprint)
     return Basis(
         dim=summarizer.dim, tau_orth=tau_orth, tau_res=tau_res, summarizer=summarizer.fingerprint,
-        orthogonalize=orthogonalize,
+        orthogonalize=orthogonalize, complete=complete,
     )
 
 

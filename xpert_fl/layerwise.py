@@ -103,12 +103,15 @@ class LayerwiseRunner:
         return rows[torch.searchsorted(ids, input_ids)]
 
     @torch.no_grad()
-    def hidden_states_batches(self, batches: Sequence[Batch]) -> list[torch.Tensor]:
+    def hidden_states_batches(self, batches: Sequence[Batch], layers: int | None = None) -> list[torch.Tensor]:
         """Final-norm states (batch, seq, hidden) of several batches; each layer is read once for all.
 
         Each batch is ``(input_ids, attention_mask, position_ids)`` exactly as ``LlamaModel.forward``
         takes them (``position_ids=None``: 0..seq-1; pass mask-derived ones for left padding).
+        ``layers=k < num_hidden_layers``: stop after k decoder layers and return the residual stream
+        there (``output_hidden_states[k]``, no norm); the later layers are never read.
         """
+        n_layers = self.config.num_hidden_layers if layers is None else layers
         start = time.perf_counter()
         rope = self.rotary_cls(config=self.config)
         states, extras = [], []  # per batch: activations, and what every layer gets besides them
@@ -121,20 +124,24 @@ class LayerwiseRunner:
             rotary = rope(h, position_ids)
             extras.append(dict(attention_mask=mask, position_ids=position_ids, position_embeddings=rotary))
         load = time.perf_counter() - start  # reading embedding rows counts as loading
-        for i in range(self.config.num_hidden_layers):
+        for i in range(n_layers):
             t = time.perf_counter()
             layer = self._module(self.layer_cls, f"model.layers.{i}.", self.config, i)
             load += time.perf_counter() - t
             states = [layer(h, **kw) for h, kw in zip(states, extras, strict=True)]
             del layer
-        norm = self._module(self.norm_cls, "model.norm.", self.config.hidden_size, self.config.rms_norm_eps)
-        out = [norm(h) for h in states]
+        if n_layers < self.config.num_hidden_layers:
+            out = states
+        else:
+            norm = self._module(self.norm_cls, "model.norm.", self.config.hidden_size, self.config.rms_norm_eps)
+            out = [norm(h) for h in states]
         self.stats = {"load_seconds": load, "total_seconds": time.perf_counter() - start}
         return out
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-        """Equals ``model.model(input_ids, attention_mask, position_ids).last_hidden_state``."""
-        return self.hidden_states_batches([(input_ids, attention_mask, position_ids)])[0]
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, layers=None) -> torch.Tensor:
+        """Equals ``model.model(input_ids, attention_mask, position_ids).last_hidden_state`` (layers=None),
+        or its ``hidden_states[layers]`` with ``output_hidden_states=True``."""
+        return self.hidden_states_batches([(input_ids, attention_mask, position_ids)], layers)[0]
 
     def last_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         """(batch, hidden) final-norm states at the last position (the input of the output layer)."""

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from xpert_fl.chat import chat_prompt
 from xpert_fl.explain import ProbeConfig
 from xpert_fl.probe import generate
 from xpert_fl.summarizer import REFERENCE_WORDS, WORD_PROMPT, Summarizer
@@ -84,7 +85,9 @@ def stylized_vectors(
     if len(base_answers) != len(prompts):
         raise ValueError(f"need one base answer per prompt, got {len(base_answers)} for {len(prompts)} prompts")
     styled = stylized_answers(summarizer, words, prompts, probe, instruction, progress)
-    rows = [summarizer.drift(list(base_answers), answers).vector for answers in styled]
+    # both answer the plain prompt: the style instruction is not part of the context they are read in
+    contexts = [chat_prompt(summarizer.tokenizer, p) for p in prompts]
+    rows = [summarizer.drift(list(base_answers), answers, contexts).vector for answers in styled]
     return np.stack(rows).astype(np.float32)
 
 

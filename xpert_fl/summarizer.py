@@ -1,13 +1,21 @@
 """The summarizer (paper §3.1, Fig. 6): drift embeddings and candidate words.
 
 The summarization LLM ``S`` is shown a reference text (base model) and a styled text (pLLM or user)
-and asked for ONE adjective naming how the style of the second differs. The drift embedding is
-``S``'s final hidden state (the one fed to its output layer) at the position that predicts that
-adjective. An answer prefix opens the adjective slot (without it the next token is "The"/"Text").
+and asked for ONE adjective naming how the style of the second differs. In the paper, the drift
+embedding is ``S``'s final hidden state at the position that predicts that adjective ("slot"). An
+answer prefix opens the adjective slot (without it the next token is "The"/"Text"), and the top
+next-token words there are the candidate words of Algorithm 1 in every embedding mode.
+
+Measured on the embedded 135M model (benchmarks/selection_accuracy.py), the slot vector of a small
+summarizer keeps too little of the style, so the default reads the style where the text itself is
+encoded: ``response-pool`` mean-pools ``S``'s hidden states over the styled text's tokens, placed
+in its own context (the chat turn answering its prompt, or the prefix it continues) at a late
+intermediate layer, and subtracts the same pool over the reference texts. Both sides then compare
+like with like: how the style of an answer differs from the base model's answer to the same prompt.
 
 Hidden states of an LLM share a large common component (raw vectors have cosine ~0.99), so every
-embedding is calibrated by subtracting the embedding of a *null drift* (a reference text compared
-with another reference text): what remains is the drift itself.
+embedding is calibrated: the slot by subtracting the embedding of a *null drift* (a reference text
+compared with another reference text), the pools by subtracting the references' pool.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ INSTRUCTION = (
 )
 ANSWER_PREFIX = "Compared to Text A, the language style of Text B is more"
 WORD_PROMPT = "Use one adjective to summarize the meaning of \"{word}\" when it describes a language style."
-EMBEDDINGS = ("slot", "mean-pool")  # the paper's adjective slot, or mean-pooled states of the styled text
+WORD_TEXT = "This text is written in a {word} style."  # pools: a word's direct-route text
+# the paper's adjective slot; mean-pooled states of the styled text alone, or in its context
+EMBEDDINGS = ("slot", "mean-pool", "response-pool")
 # Reference adjectives: their mean direct-route vector is the common component removed from word vectors.
 REFERENCE_WORDS = (
     "formal casual concise verbose friendly hostile poetic plain technical simple sarcastic sincere "
@@ -45,8 +55,10 @@ _STOP = frozenset(
 class SummarizerConfig:
     """How drift embeddings are computed; the defaults are what measured best (benchmarks/)."""
 
-    embedding: str = "slot"  # "slot" (paper) | "mean-pool"
-    calibrate: bool = True  # subtract the null-drift embedding
+    embedding: str = "response-pool"  # "slot" (paper) | "mean-pool" | "response-pool"
+    calibrate: bool = True  # subtract the null-drift (slot) or the references' pool (pools)
+    layer: float = 0.8  # pools: depth read, as a fraction of the decoder layers (1.0: the final norm)
+    candidate_pairs: int = 8  # pools: slot prompts run (on the first pairs) only to name candidate words
     max_text_tokens: int = 96  # each text is cut to this many tokens before it is shown to S
     batch_size: int = 4
     n_candidates: int = 64  # candidate words kept per embedding
@@ -56,8 +68,12 @@ class SummarizerConfig:
     def __post_init__(self) -> None:
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
-        if self.max_text_tokens < 8 or self.batch_size < 1 or self.n_candidates < 1:
-            raise ValueError("max_text_tokens >= 8, batch_size >= 1 and n_candidates >= 1 are required")
+        if self.max_text_tokens < 8 or self.batch_size < 1 or self.n_candidates < 1 or self.candidate_pairs < 1:
+            raise ValueError(
+                "max_text_tokens >= 8, batch_size >= 1, n_candidates >= 1 and candidate_pairs >= 1 are required"
+            )
+        if not 0.0 < self.layer <= 1.0:
+            raise ValueError(f"layer is a fraction of the decoder layers in (0, 1], got {self.layer}")
 
 
 @dataclass
@@ -90,11 +106,18 @@ class Summarizer:
     def fingerprint(self) -> str:
         """Identity of the embedding space: the model plus the settings that shape vectors."""
         c = self.config
-        return f"{self.loaded.fingerprint}:{c.embedding}:{int(c.calibrate)}:{c.max_text_tokens}"
+        depth = f":L{self.layer_index}" if c.embedding != "slot" else ""
+        return f"{self.loaded.fingerprint}:{c.embedding}{depth}:{int(c.calibrate)}:{c.max_text_tokens}"
 
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
+
+    @property
+    def layer_index(self) -> int:
+        """Hidden-state index the pools read (``output_hidden_states[k]``; k = n_layers: final norm)."""
+        n = int(self.model.config.num_hidden_layers)
+        return max(1, min(n, round(self.config.layer * n)))
 
     # --- prompts ------------------------------------------------------------------------------
     def _clip(self, text: str) -> str:
@@ -113,8 +136,8 @@ class Summarizer:
 
     # --- forward ------------------------------------------------------------------------------
     @torch.no_grad()
-    def _final_states(self, texts: Sequence[str], pool_from: Sequence[int] | None = None) -> tuple:
-        """Final-layer states at the last position (or mean over positions >= pool_from) and next-token probs."""
+    def _final_states(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Final-norm states at the last position and the next-token probabilities there."""
         vecs, probs = [], []
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
@@ -123,52 +146,94 @@ class Summarizer:
                 chunk = list(texts[start : start + self.config.batch_size])
                 enc = self.tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
                 mask = enc["attention_mask"]
-                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                last = self._hidden(enc["input_ids"], mask, None)[:, -1, :]
                 if self.runner is None:
-                    out = self.model.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position_ids)
-                    hidden = out.last_hidden_state  # post final norm: the input of the output layer
-                    last = hidden[:, -1, :]
                     probs.append(torch.softmax(self.model.lm_head(last).float(), dim=-1))
                 else:
-                    hidden = self.runner.hidden_states(enc["input_ids"], mask, position_ids)
-                    last = hidden[:, -1, :]
                     probs.append(self.runner.next_token_probs(last))
-                if pool_from is None:
-                    vecs.append(last.float())
-                else:
-                    for row in range(len(chunk)):
-                        n_tok = int(mask[row].sum())
-                        first = hidden.shape[1] - n_tok + pool_from[start + row]
-                        vecs.append(hidden[row, first:, :].float().mean(0, keepdim=True))
+                vecs.append(last.float())
         finally:
             self.tokenizer.padding_side = side
         return torch.cat(vecs).numpy(), torch.cat(probs).numpy()
 
-    def _raw(self, refs: Sequence[str], styled: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    @torch.no_grad()
+    def _pooled(self, contexts: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+        """Mean of the states at ``layer_index`` over each text's tokens, the text following its context."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out = []
+        for start in range(0, len(texts), self.config.batch_size):
+            rows, lengths = [], []
+            for ctx, text in zip(contexts[start : start + self.config.batch_size],
+                                 texts[start : start + self.config.batch_size], strict=True):
+                sep = " " if ctx and not ctx[-1].isspace() else ""
+                ids = self.tokenizer(sep + text, add_special_tokens=False)["input_ids"][: self.config.max_text_tokens]
+                ctx_ids = self.tokenizer(ctx, add_special_tokens=False)["input_ids"] if ctx else []
+                rows.append(ctx_ids + ids)
+                lengths.append(len(ids))
+            width = max(len(r) for r in rows)
+            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            hidden = self._hidden(input_ids, mask, self.layer_index)
+            out += [hidden[i, width - n :, :].float().mean(0) for i, n in enumerate(lengths)]
+        return torch.stack(out).numpy()
+
+    def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, layers: int | None) -> torch.Tensor:
+        """States after ``layers`` decoder layers (None or all: after the final norm), left padding aware."""
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        final = layers is None or layers >= self.model.config.num_hidden_layers
+        if self.runner is not None:
+            return self.runner.hidden_states(input_ids, mask, position_ids, layers=None if final else layers)
+        out = self.model.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=not final
+        )
+        return out.last_hidden_state if final else out.hidden_states[layers]
+
+    def _raw(
+        self, refs: Sequence[str], styled: Sequence[str], contexts: Sequence[str] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-pair vectors and the slot's next-token probabilities (for candidate words)."""
+        pairs = [self._pair_prompt(r, s) for r, s in zip(refs, styled, strict=True)]
         if self.config.embedding == "slot":
-            return self._final_states([self._pair_prompt(r, s) for r, s in zip(refs, styled, strict=True)])
-        texts = [self._clip(s) for s in styled]
-        return self._final_states(texts, pool_from=[0] * len(texts))
+            return self._final_states(pairs)
+        probs = self._final_states(pairs[: self.config.candidate_pairs])[1]
+        return self._pooled(self._contexts(contexts, len(styled)), styled), probs
+
+    def _contexts(self, contexts: Sequence[str] | None, n: int) -> list[str]:
+        if self.config.embedding == "mean-pool" or contexts is None:
+            return [""] * n
+        if len(contexts) != n:
+            raise ValueError(f"need one context per text, got {len(contexts)} for {n} texts")
+        return list(contexts)
 
     # --- public -------------------------------------------------------------------------------
-    def null_vector(self, refs: Sequence[str]) -> np.ndarray:
-        """Embedding of a null drift: each reference compared with the next reference (no style change)."""
-        key = tuple(refs)
+    def null_vector(self, refs: Sequence[str], contexts: Sequence[str] | None = None) -> np.ndarray:
+        """What a drift of zero embeds as: for the slot, each reference compared with the next reference
+        (no style change); for the pools, the references' own pool (in their contexts)."""
+        key = (tuple(refs), None if contexts is None else tuple(contexts))
         if key not in self._null:
-            shifted = list(refs[1:]) + list(refs[:1])
-            self._null[key] = self._raw(refs, shifted)[0].mean(0)
+            if self.config.embedding == "slot":
+                shifted = list(refs[1:]) + list(refs[:1])
+                self._null[key] = self._raw(refs, shifted, None)[0].mean(0)
+            else:
+                self._null[key] = self._pooled(self._contexts(contexts, len(refs)), refs).mean(0)
         return self._null[key]
 
-    def drift(self, refs: Sequence[str], styled: Sequence[str], progress: bool = False) -> Drift:
-        """Drift embedding of styled texts against reference texts (same length, paired by index)."""
+    def drift(
+        self, refs: Sequence[str], styled: Sequence[str], contexts: Sequence[str] | None = None
+    ) -> Drift:
+        """Drift embedding of styled texts against reference texts (same length, paired by index).
+
+        ``contexts[i]``: the text both ``refs[i]`` and ``styled[i]`` continue (a chat prompt rendered
+        by ``chat.chat_prompt``, or a plain prefix); read by ``response-pool`` only.
+        """
         if len(refs) != len(styled) or not refs:
             raise ValueError(f"need equally many reference and styled texts (> 0), got {len(refs)} and {len(styled)}")
         if any(not (t or "").strip() for t in styled):
             raise ValueError("styled texts must be non-empty")
-        vecs, probs = self._raw(refs, styled)
+        vecs, probs = self._raw(refs, styled, contexts)
         vector = vecs.mean(0)
         if self.config.calibrate:
-            vector = vector - self.null_vector(refs)
+            vector = vector - self.null_vector(refs, contexts)
         if not np.isfinite(vector).all():
             raise ValueError("drift embedding is not finite")
         words, p = self.candidate_words(probs.mean(0))
@@ -197,10 +262,14 @@ class Summarizer:
         return self._subvectors[word]
 
     def word_vectors(self, words: Sequence[str], progress: bool = False) -> np.ndarray:
-        prompts = [self._chat(WORD_PROMPT.format(word=w)) for w in words]
+        """Direct-route vectors in this embedding's space: the slot of ``WORD_PROMPT``, or the pool of
+        ``WORD_TEXT`` (a pooled drift is no slot state, so the slot's word vector would not compare)."""
+        slot = self.config.embedding == "slot"
+        texts = [self._chat(WORD_PROMPT.format(word=w)) if slot else WORD_TEXT.format(word=w) for w in words]
         out = []
-        for i in tqdm(range(0, len(prompts), 64), disable=not progress, desc="words", leave=False):
-            out.append(self._final_states(prompts[i : i + 64])[0])
+        for i in tqdm(range(0, len(texts), 64), disable=not progress, desc="words", leave=False):
+            chunk = texts[i : i + 64]
+            out.append(self._final_states(chunk)[0] if slot else self._pooled([""] * len(chunk), chunk))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
