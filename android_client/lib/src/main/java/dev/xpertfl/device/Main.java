@@ -62,7 +62,7 @@ public final class Main {
                 node.close();
             }));
             connect(node);
-            System.out.println("XPERT-NODE " + node.nodeId());
+            System.out.println("XPERT-NODE " + Long.toUnsignedString(node.nodeId()));
             System.out.flush();
             long handled = 0;
             while (!stop.get() && (maxMessages == 0 || handled < maxMessages)) {

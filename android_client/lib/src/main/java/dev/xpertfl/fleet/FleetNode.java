@@ -128,7 +128,7 @@ public final class FleetNode implements AutoCloseable {
         });
         long periodMs = (long) (heartbeatInterval * 1000 * 0.8); // Flower sends at 0.8 x the interval
         heartbeats.scheduleAtFixedRate(this::beat, periodMs, periodMs, TimeUnit.MILLISECONDS);
-        LOG.info("connected to " + client.baseUrl() + " as node " + nodeId);
+        LOG.info("connected to " + client.baseUrl() + " as node " + Long.toUnsignedString(nodeId));
         return nodeId;
     }
 
