@@ -17,7 +17,7 @@
 
 THE JVM DEVICE DOES NOT TRAIN HERE: it uses NoOpTrainer (returns the start adapter unchanged; its
 metrics say noop_trainer=1). Its drift embedding is a fixed random vector, not a summarizer output.
-The start adapter for a base-model start is a PEFT LoRA (rank 2) for the real base model with small
+The start adapter for a base-model start is a PEFT LoRA (rank 2, q_proj) for the real base model with small
 random B (standing in for the ORT artifacts' initial LoRA), so the server explains a pLLM that
 differs from the base. Skipped only when no JDK (java, javac, jar) or protoc is installed
 (`make -C android_client deps` installs protoc and the jars from Debian packages).
@@ -142,11 +142,21 @@ class TamperingProxy:
 
             def do_POST(self):  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                conn = http.client.HTTPConnection(host, int(port), timeout=60)
                 skip = {"host", "content-length", "connection"}
-                conn.request("POST", self.path, body, {k: v for k, v in self.headers.items() if k.lower() not in skip})
-                res = conn.getresponse()
-                data = res.read()
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                for attempt in (0, 1):  # one upstream keep-alive connection per client connection
+                    if getattr(self, "upstream", None) is None:
+                        self.upstream = http.client.HTTPConnection(host, int(port), timeout=60)
+                    try:
+                        self.upstream.request("POST", self.path, body, headers)
+                        res = self.upstream.getresponse()
+                        data = res.read()
+                        break
+                    except (OSError, http.client.HTTPException):
+                        self.upstream.close()
+                        self.upstream = None
+                        if attempt:
+                            raise
                 if self.path.endswith("/pull-object") and res.status == 200:
                     obj = PullObjectResponse.FromString(data)
                     if b"TAMPER-ME" in obj.object_content:
@@ -159,7 +169,6 @@ class TamperingProxy:
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                conn.close()
 
             def log_message(self, *args):
                 pass
@@ -218,14 +227,14 @@ class JvmNode:
 
 
 def _initial_adapter(base, path: Path):
-    """A PEFT LoRA (rank 2, default targets) for the real base model, with small random B."""
+    """A PEFT LoRA (rank 2 on q_proj: 60 tensors, few objects to move) for the real base model, small random B."""
     import torch
 
     from xpert_fl.adapters import Adapter
     from xpert_fl.finetune import FinetuneConfig, prepare_model
 
     torch.manual_seed(0)
-    model = prepare_model(base, None, FinetuneConfig(rank=2, alpha=4.0))
+    model = prepare_model(base, None, FinetuneConfig(rank=2, alpha=4.0, target_modules=("q_proj",)))
     adapter = Adapter.from_peft(model, base.fingerprint)
     g = torch.Generator().manual_seed(0)
     adapter.tensors = {k: (torch.randn(v.shape, generator=g) * 0.02 if "lora_B" in k else v) for k, v in adapter.tensors.items()}

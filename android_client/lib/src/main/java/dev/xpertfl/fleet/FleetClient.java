@@ -150,9 +150,11 @@ public final class FleetClient {
             } catch (InvalidProtocolBufferException e) {
                 throw new IOException("unreadable protobuf response from " + path, e);
             }
-        } finally {
-            c.disconnect();
+        } catch (IOException e) {
+            c.disconnect(); // a broken connection must not go back to the keep-alive pool
+            throw e;
         }
+        // no disconnect(): with the body read to its end, the connection is kept alive and reused
     }
 
     private <T extends MessageLite> T call(String rpc, MessageLite request, Parser<T> parser) throws IOException {

@@ -90,6 +90,7 @@ public final class FleetNode implements AutoCloseable {
     private int pullTries = 60;
     private long pullBackoffMs = 250;
     private long maxMessageBytes = 1L << 30;
+    private int concurrency = 4;
 
     public FleetNode(FleetClient client, double heartbeatIntervalSeconds) {
         this.client = client;
@@ -107,6 +108,12 @@ public final class FleetNode implements AutoCloseable {
     /** Refuse messages whose objects add up to more than this (memory guard on a phone). */
     public FleetNode maxMessageBytes(long bytes) {
         this.maxMessageBytes = bytes;
+        return this;
+    }
+
+    /** Object pulls/pushes in flight at once (Flower's SuperNode also transfers objects concurrently). */
+    public FleetNode concurrency(int n) {
+        this.concurrency = Math.max(1, n);
         return this;
     }
 
@@ -205,13 +212,15 @@ public final class FleetNode implements AutoCloseable {
         return ErrorProto.Error.newBuilder().setCode(code).setReason(reason).build();
     }
 
-    /** Pulls every object of the tree (retrying objects not yet available), children first. */
+    /** Pulls every object of the tree (retrying objects not yet available), {@link #concurrency} at a time. */
     Map<String, byte[]> pullObjects(long runId, MessageProto.ObjectTree tree) throws IOException {
         List<String> ids = ObjectTree.postOrderIds(tree);
-        Map<String, byte[]> out = new HashMap<>();
-        long total = 0;
         for (String id : ids) {
             if (!id.matches("[0-9a-f]{64}")) throw new ObjectTreeException("object tree holds an invalid object id '" + id + "'");
+        }
+        Map<String, byte[]> out = new java.util.concurrent.ConcurrentHashMap<>();
+        java.util.concurrent.atomic.AtomicLong total = new java.util.concurrent.atomic.AtomicLong();
+        forEach(ids, id -> {
             byte[] content = null;
             for (int attempt = 0; attempt < pullTries && content == null; attempt++) {
                 MessageProto.PullObjectResponse r = client.pullObject(nodeId, runId, id);
@@ -223,11 +232,48 @@ public final class FleetNode implements AutoCloseable {
                 }
             }
             if (content == null) throw new ObjectTreeException("object " + id + " did not become available");
-            total += content.length;
-            if (total > maxMessageBytes) throw new ObjectTreeException("message exceeds the device limit of " + maxMessageBytes + " bytes");
+            if (total.addAndGet(content.length) > maxMessageBytes) {
+                throw new ObjectTreeException("message exceeds the device limit of " + maxMessageBytes + " bytes");
+            }
             out.put(id, content);
-        }
+        });
         return out;
+    }
+
+    /** One Fleet call per item. */
+    interface Call {
+        void run(String id) throws IOException;
+    }
+
+    /** Runs {@code call} for every id on {@link #concurrency} threads; the first failure is rethrown. */
+    private void forEach(List<String> ids, Call call) throws IOException {
+        if (concurrency <= 1 || ids.size() <= 1) {
+            for (String id : ids) call.run(id);
+            return;
+        }
+        java.util.concurrent.ExecutorService pool = Executors.newFixedThreadPool(Math.min(concurrency, ids.size()));
+        try {
+            List<java.util.concurrent.Future<?>> futures = new java.util.ArrayList<>();
+            for (String id : ids) futures.add(pool.submit(() -> {
+                call.run(id);
+                return null;
+            }));
+            for (java.util.concurrent.Future<?> f : futures) {
+                try {
+                    f.get();
+                } catch (java.util.concurrent.ExecutionException e) {
+                    Throwable c = e.getCause();
+                    if (c instanceof IOException) throw (IOException) c;
+                    if (c instanceof RuntimeException) throw (RuntimeException) c;
+                    throw new IOException(c);
+                } catch (InterruptedException e) {
+                    Thread.currentThread().interrupt();
+                    throw new IOException("interrupted", e);
+                }
+            }
+        } finally {
+            pool.shutdownNow();
+        }
     }
 
     /** Builds and pushes the reply to {@code ins}; returns the bytes of objects pushed. */
@@ -253,14 +299,19 @@ public final class FleetNode implements AutoCloseable {
         }
         FleetProto.PushMessagesResponse res = client.pushMessages(nodeId, announced.build(), enc.tree, runtime);
         Set<String> wanted = new HashSet<>(res.getObjectsToPushList());
+        List<String> push = new java.util.ArrayList<>();
         long up = 0;
         for (Map.Entry<String, byte[]> e : enc.objects.entrySet()) { // children before parents
-            if (!wanted.contains(e.getKey())) continue;
-            if (!client.pushObject(nodeId, ins.getRunId(), res.getSessionId(), e.getKey(), e.getValue())) {
-                throw new IOException("SuperLink did not store object " + e.getKey() + " of reply " + enc.rootId);
+            if (wanted.contains(e.getKey())) {
+                push.add(e.getKey());
+                up += e.getValue().length;
             }
-            up += e.getValue().length;
         }
+        forEach(push, id -> {
+            if (!client.pushObject(nodeId, ins.getRunId(), res.getSessionId(), id, enc.objects.get(id))) {
+                throw new IOException("SuperLink did not store object " + id + " of reply " + enc.rootId);
+            }
+        });
         LOG.info("replied to " + ins.getMessageType() + " " + ins.getMessageId() + (err != null ? " with an error" : "")
                 + ": " + wanted.size() + " object(s), " + up + " bytes");
         return up;
