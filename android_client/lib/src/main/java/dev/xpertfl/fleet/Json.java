@@ -318,7 +318,7 @@ public final class Json {
         // decimal exponent of the first digit: value = 0.d1d2... x 10^(exp+1)
         int exp = shortest.precision() - shortest.scale() - 1;
         String sign = d < 0 ? "-" : "";
-        if (exp < -5 || exp >= 16) { // Python switches to scientific notation outside 1e-5 .. 1e16
+        if (exp < -4 || exp >= 16) { // Python: scientific below 1e-4 and from 1e16 on
             String mant = digits.length() == 1 ? digits : digits.charAt(0) + "." + digits.substring(1);
             return sign + mant + "e" + (exp < 0 ? "-" : "+") + (Math.abs(exp) < 10 ? "0" : "") + Math.abs(exp);
         }
