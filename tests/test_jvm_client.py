@@ -102,7 +102,8 @@ def test_codec_matches_python_object_ids(jar, tmp_path, flower_task_identity):
     mixed = RecordDict({
         "big": ArrayRecord({"x": Array(big), "zeros": Array(np.zeros((3, 2), np.float64)), "i": Array(np.arange(5))}),
         "cfg": ConfigRecord({"b": True, "i": -7, "f": 0.1, "s": "héllo \"q\"", "y": b"\x00\x01", "li": [1, 2],
-                             "lf": [1.5, 2.0], "ls": ["a", "b"], "lb": [True, False], "ly": [b"x"], "inf": float("inf")}),
+                             "lf": [1.5, 2.0], "ls": ["a", "b"], "lb": [True, False], "ly": [b"x"],
+                             "inf": float("inf")}),
         "m": MetricRecord({"loss": 0.25, "steps": 3, "hist": [0.5, 0.25], "counts": [1, 2]}),
     })
     messages = {
@@ -189,8 +190,8 @@ class JvmNode:
     def __init__(self, superlink: str, user: str, embedding: Path, adapter: Path, log: Path):
         self.log = log
         self.proc = subprocess.Popen(
-            ["java", "-Xmx256m", "-jar", str(JAR), "--superlink", superlink, "--user", user, "--embedding", str(embedding),
-             "--initial-adapter", str(adapter), "--poll-ms", "500"],
+            ["java", "-Xmx256m", "-jar", str(JAR), "--superlink", superlink, "--user", user,
+             "--embedding", str(embedding), "--initial-adapter", str(adapter), "--poll-ms", "500"],
             stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,  # noqa: SIM115 - closed with the process
         )
         self.lines: list[str] = []
@@ -237,7 +238,8 @@ def _initial_adapter(base, path: Path):
     model = prepare_model(base, None, FinetuneConfig(rank=2, alpha=4.0, target_modules=("q_proj",)))
     adapter = Adapter.from_peft(model, base.fingerprint)
     g = torch.Generator().manual_seed(0)
-    adapter.tensors = {k: (torch.randn(v.shape, generator=g) * 0.02 if "lora_B" in k else v) for k, v in adapter.tensors.items()}
+    adapter.tensors = {k: (torch.randn(v.shape, generator=g) * 0.02 if "lora_B" in k else v)
+                       for k, v in adapter.tensors.items()}
     adapter.save(path)
     return Adapter.load(path)
 
@@ -287,7 +289,8 @@ def test_jvm_device_against_real_superlink(jar, tmp_path, base):
         assert sel["error"] is None, sel
         dev, py = sel["device"], sel["python"]
         assert (dev["kind"], dev["ids"]) == (py["kind"], py["ids"]), sel
-        assert np.allclose(dev["weights"], py["weights"], rtol=1e-6) and np.isclose(dev["distance"], py["distance"], rtol=1e-6)
+        assert np.allclose(dev["weights"], py["weights"], rtol=1e-6)
+        assert np.isclose(dev["distance"], py["distance"], rtol=1e-6)
     assert p["select"]["nearest"]["device"]["kind"] == "single" and p["select"]["merge"]["device"]["kind"] == "merge"
     t = p["train"]
     assert t["single"]["error"] is None and t["single"]["upload"] == t["single"]["sent"][0]  # no-op: unchanged

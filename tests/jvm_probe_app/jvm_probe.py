@@ -1,8 +1,8 @@
 """Protocol probe for the XPerT JVM device (tests/test_jvm_client.py; needs no model).
 
 All checks are sent at once (the device handles them one by one) and the replies are recorded in
-``out`` (JSON), so the test can assert on them. The device must answer bad input with an error reply and keep answering: the probe
-registers it again at the end. Selection and merge results are compared with the Python
+``out`` (JSON), so the test can assert on them. The device must answer bad input with an error reply
+and keep answering: the probe registers it again at the end. Selection and merge results are compared with the Python
 implementation on the same inputs (the device's drift embedding file is shared with this app).
 """
 
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -28,7 +28,9 @@ def _reply(grid: Grid, node: int, content: RecordDict, message_type: str) -> Mes
     return replies[0]
 
 
-def _replies(grid: Grid, node: int, batch: dict[str, tuple[RecordDict, str]], timeout: float = 300) -> dict[str, Message]:
+def _replies(
+    grid: Grid, node: int, batch: dict[str, tuple[RecordDict, str]], timeout: float = 300
+) -> dict[str, Message]:
     """Send every message of ``batch`` at once (the device handles them one by one) and collect the replies."""
     names = list(batch)
     ids = list(grid.push_messages([Message(c, dst_node_id=node, message_type=t) for c, t in batch.values()]))

@@ -159,7 +159,7 @@ public final class FleetNode implements AutoCloseable {
         MessageProto.Metadata ins = announced.getMetadata();
         long t0 = System.nanoTime();
         String type = ins.getMessageType();
-        LOG.info("received " + type + " message " + ins.getMessageId() + " (run " + ins.getRunId() + ", group " + ins.getGroupId() + ")");
+        LOG.info("received " + type + " message " + ins.getMessageId() + " (run " + Long.toUnsignedString(ins.getRunId()) + ", group " + ins.getGroupId() + ")");
 
         Received received;
         long down = 0;
