@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo test test-slow lint clean jvm-deps jvm
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -22,14 +22,22 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/xpert simulate
 
-test: $(STAMP)
+# The JVM device (android_client/) needs protoc and the protobuf/JUnit jars: Debian packages, installed
+# here if missing (idempotent; root + apt-get). Its tests skip, saying why, where no JDK/protoc exists.
+jvm-deps:
+	$(MAKE) -C android_client deps
+
+jvm: $(STAMP) jvm-deps
+	$(MAKE) -C android_client jar junit PY=$(abspath $(BIN)/python)
+
+test: $(STAMP) jvm-deps
 	$(BIN)/pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) jvm-deps
 	$(BIN)/pytest -q -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info android_client/build
