@@ -170,16 +170,14 @@ class HyperbandSelector:
             for _ in tried:
                 trial = study.ask()
                 pick = trial.suggest_categorical("pllm", ids)
-                pruned = False
                 for step, mean in enumerate(loss.running(meter.download(task.cache, pick), batches), start=1):
                     scores[pick], steps[pick] = mean, step
                     trial.report(mean, step)
                     with meter.device():
                         pruned = trial.should_prune()
                     if pruned:
+                        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                         break
-                if pruned:
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 else:
                     study.tell(trial, scores[pick])
         self.last_study = study
