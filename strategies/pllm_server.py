@@ -19,7 +19,7 @@ from xpert_fl.adapters import Adapter, validate_adapter
 from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
 from xpert_fl.data import load_corpus, split_roles
-from xpert_fl.explain import Explainer, ProbeConfig, explain_cache, open_basis
+from xpert_fl.explain import Explainer, ProbeConfig, explain_cache, offered_coordinates, open_basis
 from xpert_fl.models import load_model
 from xpert_fl.probe import probe_prompts
 from xpert_fl.summarizer import Summarizer, SummarizerConfig
@@ -82,15 +82,7 @@ class PLLMServer:
 
     def offer(self) -> tuple[list[str], np.ndarray]:
         """Ids of the explained pLLMs (creation order) and their coordinates on the current basis (n x k)."""
-        ids, rows = [], []
-        for e in self.cache.entries():
-            if e.coords is None:
-                continue
-            c = np.zeros(self.basis.size)
-            c[: len(e.coords)] = e.coords[: self.basis.size]
-            ids.append(e.id)
-            rows.append(c)
-        return ids, np.array(rows, dtype=np.float64).reshape(len(ids), self.basis.size)
+        return offered_coordinates(self.cache.entries(), self.basis.size)
 
     def adapter(self, id: str) -> Adapter:
         return self.cache.load_adapter(id)

@@ -62,6 +62,13 @@ def message_bytes(message: Message) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
 
 
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's content alone, counted like :func:`message_bytes` but without the message
+    object itself (metadata, a few hundred bytes): what a payload costs whichever message carries it.
+    The selection baselines (``xpert_fl.baselines``) count every method's downloads with it."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
 def _config(content: RecordDict, name: str) -> ConfigRecord:
     record = content.get(name)
     if not isinstance(record, ConfigRecord):
@@ -196,6 +203,17 @@ def parse_choice(content: RecordDict) -> Choice:
         return Choice.from_json(value)
     except ValueError as err:
         raise ProtocolError(f"invalid choice: {err}") from err
+
+
+def text_embeddings_offer(ids: Sequence[str], vectors: np.ndarray) -> RecordDict:
+    """The text-encoder baseline's offer: one sentence embedding per pLLM (n x d float32) and their ids."""
+    matrix = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), -1)
+    return RecordDict(
+        {
+            "embeddings": ArrayRecord({"vectors": Array(matrix)}),
+            "select": ConfigRecord({"meta": json.dumps({"ids": list(ids)})}),
+        }
+    )
 
 
 # --- adapters ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from xpert_fl.adapters import Adapter
 from xpert_fl.basis import Basis, BasisError, Decomposition
-from xpert_fl.cache import PLLMCache
+from xpert_fl.cache import CacheEntry, PLLMCache
 from xpert_fl.chat import chat_prompt
 from xpert_fl.data.corpus import Sample
 from xpert_fl.models import LoadedModel
@@ -171,6 +171,20 @@ def open_basis(
         dim=summarizer.dim, tau_orth=tau_orth, tau_res=tau_res, summarizer=summarizer.fingerprint,
         orthogonalize=orthogonalize, complete=complete,
     )
+
+
+def offered_coordinates(entries: Iterable[CacheEntry], size: int) -> tuple[list[str], np.ndarray]:
+    """Ids of the explained entries (in the given order) and their coordinates zero-padded to ``size``
+    words (n x size): what a device compares its own coordinate with."""
+    ids, rows = [], []
+    for e in entries:
+        if e.coords is None:
+            continue
+        c = np.zeros(size)
+        c[: len(e.coords)] = e.coords[:size]
+        ids.append(e.id)
+        rows.append(c)
+    return ids, np.array(rows, dtype=np.float64).reshape(len(ids), size)
 
 
 def explain_cache(

@@ -52,7 +52,7 @@ import math
 import random
 import resource
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -221,7 +221,8 @@ def _epochs(lengths: Sequence[int], config: FinetuneConfig, rng: random.Random) 
         yield from bucketed_batches(lengths, config.batch_size, rng, config.bucket_batches)
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id used to right-pad batches: the tokenizer's pad token, else its eos token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("tokenizer has neither a pad nor an eos token")
@@ -240,16 +241,36 @@ def _nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
     return total, int((labels != IGNORE_INDEX).sum())
 
 
-def _encoded_loss(model: torch.nn.Module, encoded: list[dict], pad_id: int, batch_size: int) -> float:
+def length_batches(encoded: Sequence[dict], batch_size: int) -> list[list[int]]:
+    """Index batches of similar lengths (least padding): the evaluation order of a whole set."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def batch_nll(
+    model: torch.nn.Module, encoded: Sequence[dict], pad_id: int, batches: Iterable[Sequence[int]]
+) -> Iterator[tuple[float, int, int]]:
+    """Per batch, in the given order: summed completion NLL, completion tokens, tokens forwarded (non-pad).
+
+    A generator so that a caller can stop early (HyperBand's evaluation batches); the model runs in
+    eval mode and gets its mode back when the generator finishes or is closed.
+    """
     was_training = model.training
     model.eval()
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    try:
+        for idx in batches:
+            batch = collate([encoded[i] for i in idx], pad_id)
+            nll, n = _nll(model, batch)
+            yield float(nll), n, int(batch["attention_mask"].sum())
+    finally:
+        model.train(was_training)
+
+
+def _encoded_loss(model: torch.nn.Module, encoded: list[dict], pad_id: int, batch_size: int) -> float:
     total, count = 0.0, 0
-    with torch.no_grad():
-        for s in range(0, len(order), batch_size):
-            nll, n = _nll(model, collate([encoded[i] for i in order[s : s + batch_size]], pad_id))
-            total, count = total + float(nll), count + n
-    model.train(was_training)
+    for nll, n, _ in batch_nll(model, encoded, pad_id, length_batches(encoded, batch_size)):
+        total, count = total + nll, count + n
     if count == 0:
         raise ValueError("no completion tokens to evaluate")
     return total / count
@@ -266,7 +287,7 @@ def evaluate_loss(
     if not samples:
         raise ValueError("evaluate_loss needs at least one sample")
     return _encoded_loss(
-        model, encode(tokenizer, samples, config.max_seq_len), _pad_id(tokenizer), config.eval_batch_size
+        model, encode(tokenizer, samples, config.max_seq_len), pad_token_id(tokenizer), config.eval_batch_size
     )
 
 
@@ -536,7 +557,7 @@ def finetune(
     if not test:
         raise ValueError("finetune needs at least one held-out sample")
     tok = loaded.tokenizer
-    pad_id = _pad_id(tok)
+    pad_id = pad_token_id(tok)
     fingerprint = loaded.fingerprint
     train_enc = encode(tok, train, config.max_seq_len)
     test_enc = encode(tok, test, config.max_seq_len)

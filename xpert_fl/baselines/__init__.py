@@ -1,0 +1,45 @@
+"""Selection methods behind one interface: XPerT and the paper's baselines (issue 6, item 1).
+
+``make_selector("exhaustive").select(SelectionTask(base, cache, samples, seed=0))`` -> ``Selection``
+(a ``Choice`` plus the device's bytes, loss evaluations, tokens and seconds). ``SELECTORS`` maps every
+method name (what a run config or the CLI names) to its class; constructor keywords are its options.
+See ``core`` for the accounting, ``methods`` and ``text_encoder`` for each method.
+"""
+
+from __future__ import annotations
+
+from xpert_fl.baselines.core import Selection, SelectionTask, Selector
+from xpert_fl.baselines.methods import (
+    BayesOptSelector,
+    ExhaustiveSelector,
+    HyperbandSelector,
+    OracleSelector,
+    RandomSelector,
+    ScratchSelector,
+    XPerTSelector,
+)
+from xpert_fl.baselines.text_encoder import TextEncoder, TextEncoderSelector
+
+SELECTORS: dict[str, type] = {
+    cls.name: cls
+    for cls in (
+        XPerTSelector, ScratchSelector, RandomSelector, OracleSelector, ExhaustiveSelector, BayesOptSelector,
+        HyperbandSelector, TextEncoderSelector,
+    )
+}
+
+
+def make_selector(name: str, **options: object) -> Selector:
+    """The selector registered as ``name``, constructed with ``options``."""
+    try:
+        cls = SELECTORS[name]
+    except KeyError:
+        raise ValueError(f"unknown selection method {name!r}; choose one of {sorted(SELECTORS)}") from None
+    return cls(**options)
+
+
+__all__ = [
+    "SELECTORS", "BayesOptSelector", "ExhaustiveSelector", "HyperbandSelector", "OracleSelector", "RandomSelector",
+    "ScratchSelector", "Selection", "SelectionTask", "Selector", "TextEncoder", "TextEncoderSelector",
+    "XPerTSelector", "make_selector",
+]
