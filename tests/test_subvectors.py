@@ -20,7 +20,7 @@ from xpert_fl.subvectors import (
 from xpert_fl.summarizer import REFERENCE_WORDS, WORD_PROMPT, Summarizer, SummarizerConfig
 
 PROBE = ProbeConfig(max_new_tokens=8, batch_size=8)
-TINY = SummarizerConfig(max_text_tokens=24, n_candidates=8)
+TINY = SummarizerConfig(max_text_tokens=24, n_candidates=8, embedding="slot")  # prompt tuning is slot-space
 SMALL_REFS = ["formal", "casual", "poetic", "plain"]  # a cheap centring set for the training tests
 
 
@@ -124,15 +124,17 @@ def test_save_load_round_trip(tmp_path, base, summarizer):
     assert (loaded.n_prefix, loaded.n_suffix, loaded.steps_trained) == (4, 2, 7)
     assert loaded.reference_words == SMALL_REFS
     np.testing.assert_allclose(loaded.vector("dry"), changed, atol=1e-6)
-    other = Summarizer(base, SummarizerConfig(max_text_tokens=24, calibrate=False))
+    other = Summarizer(base, SummarizerConfig(max_text_tokens=24, calibrate=False, embedding="slot"))
     with pytest.raises(ValueError, match="tuned for summarizer"):
         PromptTuner.load(path, other)
     with pytest.raises(FileNotFoundError):
         PromptTuner.load(tmp_path / "missing.safetensors", summarizer)
 
 
-def test_bad_input(summarizer, probe_set, route_a):
+def test_bad_input(base, summarizer, probe_set, route_a):
     prompts, answers = probe_set
+    with pytest.raises(ValueError, match="direct route of the adjective slot"):
+        PromptTuner(Summarizer(base, SummarizerConfig(max_text_tokens=24)))
     tuner = PromptTuner(summarizer, reference_words=SMALL_REFS)
     good = route_a["sarcastic"]
     with pytest.raises(ValueError, match="words is empty"):

@@ -165,6 +165,11 @@ class PromptTuner:
         batch_size: int = 32,
         learn_offset: bool = False,
     ):
+        if summarizer.config.embedding != "slot":
+            raise ValueError(
+                f"prompt tuning fits the direct route of the adjective slot; this summarizer embeds with "
+                f"{summarizer.config.embedding!r}: use SummarizerConfig(embedding='slot')"
+            )
         self.summarizer = summarizer
         self.tokenizer = summarizer.tokenizer
         self.model = summarizer.model
