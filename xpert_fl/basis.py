@@ -285,7 +285,8 @@ class Basis:
 
     # --- validation helpers ----------------------------------------------------------------
     def _embedding(self, e: np.ndarray) -> np.ndarray:
-        return _check_vector(e, self.dim, "embedding")
+        # A zero drift is no error: a pLLM whose outputs equal the base's sits at the origin.
+        return _check_vector(e, self.dim, "embedding", allow_zero=True)
 
     def _v64(self) -> np.ndarray:
         return self.vectors.astype(np.float64)
@@ -341,8 +342,10 @@ def _check_word(word: object) -> str:
     return word
 
 
-def _check_vector(x: object, dim: int, what: str, dtype: type = np.float64) -> np.ndarray:
-    """A finite, non-zero 1-D vector of length ``dim`` (values of ``dtype``, returned as float64)."""
+def _check_vector(
+    x: object, dim: int, what: str, dtype: type = np.float64, allow_zero: bool = False
+) -> np.ndarray:
+    """A finite (non-zero unless allowed) 1-D vector of length ``dim`` (values of ``dtype``, as float64)."""
     try:
         with np.errstate(over="ignore"):
             v = np.asarray(x, dtype=dtype).astype(np.float64)
@@ -352,7 +355,7 @@ def _check_vector(x: object, dim: int, what: str, dtype: type = np.float64) -> n
         raise BasisError(f"{what} has shape {v.shape}, expected ({dim},): wrong summarizer or dimension?")
     if not np.isfinite(v).all():
         raise BasisError(f"{what} contains NaN or Inf")
-    if np.linalg.norm(v) <= _ZERO:
+    if not allow_zero and np.linalg.norm(v) <= _ZERO:
         raise BasisError(f"{what} is a zero vector")
     return v
 
@@ -389,8 +392,11 @@ def _coords(e: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def _ratio(e: np.ndarray, c: np.ndarray, v: np.ndarray) -> float:
+    norm = np.linalg.norm(e)
+    if norm <= _ZERO:  # nothing to explain
+        return 0.0
     recon = c @ v if len(c) else np.zeros_like(e)
-    return float(np.linalg.norm(e - recon) / np.linalg.norm(e))
+    return float(np.linalg.norm(e - recon) / norm)
 
 
 def _cosines(v: np.ndarray) -> np.ndarray:
