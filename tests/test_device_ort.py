@@ -244,3 +244,18 @@ def test_client_app_fit_with_ort_trainer(tiny, tiny_checkpoint, cache, monkeypat
     assert upload.metrics["scratch_steps"] == 2 and "target_loss" in upload.metrics
     validate_adapter(upload.adapter, tiny.fingerprint, base_linear_shapes(tiny.model))
     assert np.isfinite(upload.metrics["best_test_loss"])
+
+
+# --- the embedded 135M model (slow: export ~1.5 min and ~5 GB once per cache) ---------------------------
+@pytest.mark.slow
+def test_real_model_parity_and_peft_round_trip(base, data):
+    config = FinetuneConfig(max_seq_len=64, batch_size=2, eval_batch_size=2, max_steps=4, eval_every=2, patience=10,
+                            lr=3e-3, seed=0, threads=1)
+    torch_run = finetune(base, *data, config, progress=False)
+    ort_run = OrtTrainer()(base, *data, config, progress=False)
+    for pt, po in zip(torch_run.history, ort_run.history, strict=True):
+        assert close(pt.train_loss, po.train_loss) and close(pt.test_loss, po.test_loss), (pt, po)
+    assert ort_run.best_test_loss < ort_run.start_loss
+    validate_adapter(ort_run.adapter, base.fingerprint, base_linear_shapes(base.model))
+    loss = evaluate_loss(ort_run.adapter.to_peft(shared_copy(base.model)), base.tokenizer, data[1], config)
+    assert abs(loss - ort_run.best_test_loss) <= 1e-5 * loss

@@ -41,8 +41,18 @@ def _started(flower: FlowerProcesses) -> list[psutil.Process]:
 
 
 def test_deployment_engine_one_round(tmp_path):
+    deployment_round(tmp_path, "torch")
+
+
+@pytest.mark.slow
+def test_deployment_engine_one_round_ort_trainer(tmp_path):
+    """The devices fine-tune with ONNX Runtime (the first run exports the 135M model: ~1.5 min, ~5 GB)."""
+    deployment_round(tmp_path, "ort")
+
+
+def deployment_round(tmp_path, trainer: str) -> None:
     results = tmp_path / "results"
-    run_config = {**TINY, "min-nodes": 2, "results-dir": str(results)}
+    run_config = {**TINY, "min-nodes": 2, "results-dir": str(results), "trainer": trainer}
     flower = FlowerProcesses(tmp_path / "logs", workdir=tmp_path)
     started = []
     try:
@@ -59,7 +69,7 @@ def test_deployment_engine_one_round(tmp_path):
 
     rows = read_rounds(results)
     assert sorted(r["user"] for r in rows) == ["user-0", "user-1"]
-    assert all(r["status"] == "ok" and r["choice"] == "base" for r in rows), rows
+    assert all(r["status"] == "ok" and r["choice"] == "base" and r["trainer"] == trainer for r in rows), rows
     cache = PLLMCache(results / "cache")
     entries = cache.entries()
     assert sorted(e.id for e in entries) == sorted(r["new_id"] for r in rows)

@@ -336,7 +336,7 @@ def _write_base_weights(directory: Path, lora_names: Mapping[str, str]) -> dict:
         e["name"] for e in entries if e["trainable"]
     } != set(lora_names):
         raise RuntimeError("ORT's parameter buffers do not match its checkpoint")
-    full.astype("<f4").tofile(directory / BASE_WEIGHTS)
+    np.asarray(full, dtype="<f4").tofile(directory / BASE_WEIGHTS)  # no copy on little-endian hosts
     return {"num_parameters": int(full.size), "num_trainable": int(trainable.size), "parameters": entries}
 
 
