@@ -101,6 +101,6 @@ def fit(msg: Message, context: Context) -> Message:
     result = train(models, data, req.choice, req.adapters, config, req.compare_scratch, trainer)
     report = {"start": result.start_kind, "stop_reason": result.result.stop_reason, "trainer": engine}
     reply = protocol.upload_reply(result.result.adapter, training_metrics(result), report)
-    LOG.info("%s: fine-tuned from %s, %s steps, %.1fs in all", data.user, result.start_kind, result.result.steps,
-             time.perf_counter() - t0)
+    LOG.info("%s: fine-tuned (%s) from %s, %s steps, %.1fs in all", data.user, engine, result.start_kind,
+             result.result.steps, time.perf_counter() - t0)
     return Message(reply, reply_to=msg)
