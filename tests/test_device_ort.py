@@ -26,7 +26,7 @@ from strategies import protocol
 from xpert_fl.adapters import Adapter, AdapterError, base_linear_shapes, validate_adapter
 from xpert_fl.data import load_corpus, split_roles
 from xpert_fl.device import get_trainer
-from xpert_fl.device.artifacts import BASE_WEIGHTS, ArtifactMismatch, Artifacts, LoraShape
+from xpert_fl.device.artifacts import BASE_WEIGHTS, ArtifactMismatch, Artifacts, LoraShape, artifacts_for
 from xpert_fl.device.ort_trainer import OrtSession, OrtTrainer
 from xpert_fl.finetune import FinetuneConfig, encode, eval_batches, evaluate_loss, finetune, shared_copy
 from xpert_fl.models import LoadedModel
@@ -192,7 +192,7 @@ def test_adapter_not_matching_the_artifacts_is_rejected(tiny, artifacts, data):
         pinned(tiny, *data, replace(CFG, dropout=0.1), progress=False)
 
 
-def test_truncated_or_missing_artifacts_are_clear_errors(artifacts, tmp_path):
+def test_truncated_or_missing_artifacts_are_clear_errors(tiny, artifacts, tmp_path):
     import shutil
 
     copy = tmp_path / "set"
@@ -206,6 +206,11 @@ def test_truncated_or_missing_artifacts_are_clear_errors(artifacts, tmp_path):
         Artifacts.open(copy)
     with pytest.raises(FileNotFoundError, match="not an ORT artifact set"):
         Artifacts.open(tmp_path)
+
+    damaged = tmp_path / "cache" / artifacts.directory.name
+    shutil.copytree(copy, damaged)
+    with pytest.raises(ValueError, match="delete .* to rebuild"):
+        artifacts_for(tiny, artifacts.lora, tmp_path / "cache")
 
 
 def test_trainer_names():

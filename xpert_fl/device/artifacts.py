@@ -348,9 +348,12 @@ def artifacts_for(loaded: LoadedModel, lora: LoraShape, cache_dir: str | Path | 
     """
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "ort"
     directory = root / lora.key(loaded.fingerprint)
-    if (directory / MANIFEST).is_file():
+    if not (directory / MANIFEST).is_file():
+        return build_artifacts(loaded, lora, directory)
+    try:
         return Artifacts.open(directory)
-    return build_artifacts(loaded, lora, directory)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{err}; the cached artifact set is damaged: delete {directory} to rebuild it") from err
 
 
 # --- files --------------------------------------------------------------------------------------------
