@@ -1,4 +1,4 @@
-"""The XPerT device as a Flower ClientApp (PyTorch): register, select, fine-tune.
+"""The XPerT device as a Flower ClientApp: register, select, fine-tune.
 
 Handlers only translate messages (``strategies.protocol``) to the framework-free device steps in
 ``clients.device``. What leaves the device: its opaque user id (and, for evaluation, its style
@@ -8,6 +8,9 @@ cost metrics. Its samples, its drift embedding and its coordinates never do.
 Which user a device is comes from ``node_config["partition-id"]`` (set per virtual node by the
 simulation, or ``--node-config "partition-id=3"`` on a real SuperNode); what data that user has
 comes from the run config (``user-styles``, ``user-samples``, ``test-fraction``, ``corpus``, ``seed``).
+The fine-tuning engine too: run-config key ``trainer`` = ``"torch"`` (PyTorch + PEFT) or ``"ort"``
+(ONNX Runtime training on the artifacts a phone runs, ``xpert_fl.device``; exported on first use and
+cached on disk, so the first ``ort`` round of a device pays minutes of export once).
 
 torch/transformers are imported inside the handlers that need them: under the Deployment Engine each
 message starts a fresh ClientApp process, and registering (or selecting from an empty cache) should
@@ -86,15 +89,18 @@ def select(msg: Message, context: Context) -> Message:
 def fit(msg: Message, context: Context) -> Message:
     """Merge if asked, fine-tune the chosen start on the user's data, upload the new adapter."""
     from clients.device import finetune_config, train, training_metrics
+    from xpert_fl.device import get_trainer
 
     t0 = time.perf_counter()
     req = protocol.parse_train_request(msg.content)
     data = _data(context)
+    engine = str(context.run_config.get("trainer", "torch"))
+    trainer = get_trainer(engine)
     models = _models(context)
     config = finetune_config(req.finetune, _threads(context))
-    result = train(models, data, req.choice, req.adapters, config, req.compare_scratch)
-    report = {"start": result.start_kind, "stop_reason": result.result.stop_reason}
+    result = train(models, data, req.choice, req.adapters, config, req.compare_scratch, trainer)
+    report = {"start": result.start_kind, "stop_reason": result.result.stop_reason, "trainer": engine}
     reply = protocol.upload_reply(result.result.adapter, training_metrics(result), report)
-    LOG.info("%s: fine-tuned from %s, %s steps, %.1fs in all", data.user, result.start_kind, result.result.steps,
-             time.perf_counter() - t0)
+    LOG.info("%s: fine-tuned (%s) from %s, %s steps, %.1fs in all", data.user, engine, result.start_kind,
+             result.result.steps, time.perf_counter() - t0)
     return Message(reply, reply_to=msg)

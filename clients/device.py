@@ -16,6 +16,7 @@ import torch
 from clients.users import UserData
 from xpert_fl.adapters import Adapter, base_linear_shapes, validate_adapter
 from xpert_fl.basis import Basis
+from xpert_fl.device import DeviceTrainer
 from xpert_fl.explain import Explanation, ProbeConfig, user_coordinates
 from xpert_fl.finetune import FinetuneConfig, FinetuneResult, finetune, target_from_scratch, with_target
 from xpert_fl.merge import merge_adapters
@@ -96,24 +97,25 @@ def train(
     adapters: Sequence[Adapter],
     config: FinetuneConfig,
     compare_scratch: bool,
+    trainer: DeviceTrainer = finetune,
 ) -> Training:
-    """Fine-tune from the chosen start on the user's data.
+    """Fine-tune from the chosen start on the user's data with ``trainer`` (PyTorch or ORT engine).
 
     ``compare_scratch`` (a measurement, simulation only): first fine-tune from the base model to its
     plateau; target = its best held-out loss x 1.01 (``target_from_scratch``); then fine-tune the
-    chosen start until it reaches that target. Both runs share data, config and seed.
+    chosen start until it reaches that target. Both runs share data, config, seed and engine.
     """
     base = models.base
     start = start_adapter(base, choice, adapters)
     if not compare_scratch:
-        return Training(finetune(base, data.train, data.test, config, start=start, progress=False), None, None,
+        return Training(trainer(base, data.train, data.test, config, start=start, progress=False), None, None,
                         choice.kind)
-    scratch = finetune(base, data.train, data.test, replace(config, target_loss=None), progress=False)
+    scratch = trainer(base, data.train, data.test, replace(config, target_loss=None), progress=False)
     target = target_from_scratch(scratch)
     scratch = with_target(scratch, target)
     if start is None:
         return Training(scratch, scratch, target, choice.kind)
-    warm = finetune(base, data.train, data.test, replace(config, target_loss=target), start=start, progress=False)
+    warm = trainer(base, data.train, data.test, replace(config, target_loss=target), start=start, progress=False)
     return Training(warm, scratch, target, choice.kind)
 
 

@@ -134,6 +134,7 @@ class UserRound:
     residual_ratio: float | None = None
     explain_seconds: float | None = None
     finetune: dict = field(default_factory=dict)  # the device's cost metrics
+    trainer: str | None = None  # the device's fine-tuning engine ("torch" | "ort"), as it reported
     bytes: dict = field(default_factory=lambda: {k: 0 for k in protocol.KINDS})
 
     @property
@@ -366,7 +367,7 @@ class XPerTStrategy:
                 continue
             try:
                 upload = protocol.parse_upload(reply.content)
-                rec.finetune = upload.metrics
+                rec.finetune, rec.trainer = upload.metrics, upload.report.get("trainer")
                 metrics = {"round": server_round, "user": rec.user, "start": rec.choice, **upload.metrics}
                 done = self.server.ingest(upload.adapter, rec.chosen, metrics, rec.label)
             except (protocol.ProtocolError, AdapterError, CacheError) as err:

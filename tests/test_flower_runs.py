@@ -6,6 +6,7 @@
   traffic counter) are checked, and every process started is stopped, even on failure.
 * Simulation (slow): a SuperLink in simulation mode, 3 virtual users on Ray, 2 rounds; the cache
   grows and round-2 users choose among round-1 uploads.
+* Both, slow, with the devices on the ONNX Runtime engine (``trainer = "ort"``).
 
 Budgets are tiny: 4 probe prompts x 16 tokens, 4 samples per user, 2 fine-tuning steps, 96 tokens.
 """
@@ -41,8 +42,18 @@ def _started(flower: FlowerProcesses) -> list[psutil.Process]:
 
 
 def test_deployment_engine_one_round(tmp_path):
+    deployment_round(tmp_path, "torch")
+
+
+@pytest.mark.slow
+def test_deployment_engine_one_round_ort_trainer(tmp_path):
+    """The devices fine-tune with ONNX Runtime (the first run exports the 135M model: ~1.5 min, ~5 GB)."""
+    deployment_round(tmp_path, "ort")
+
+
+def deployment_round(tmp_path, trainer: str) -> None:
     results = tmp_path / "results"
-    run_config = {**TINY, "min-nodes": 2, "results-dir": str(results)}
+    run_config = {**TINY, "min-nodes": 2, "results-dir": str(results), "trainer": trainer}
     flower = FlowerProcesses(tmp_path / "logs", workdir=tmp_path)
     started = []
     try:
@@ -59,7 +70,7 @@ def test_deployment_engine_one_round(tmp_path):
 
     rows = read_rounds(results)
     assert sorted(r["user"] for r in rows) == ["user-0", "user-1"]
-    assert all(r["status"] == "ok" and r["choice"] == "base" for r in rows), rows
+    assert all(r["status"] == "ok" and r["choice"] == "base" and r["trainer"] == trainer for r in rows), rows
     cache = PLLMCache(results / "cache")
     entries = cache.entries()
     assert sorted(e.id for e in entries) == sorted(r["new_id"] for r in rows)
@@ -78,9 +89,10 @@ def test_deployment_engine_one_round(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_simulation_two_rounds_grows_the_cache(tmp_path):
+@pytest.mark.parametrize("trainer", ["torch", "ort"])
+def test_ray_simulation_two_rounds_grows_the_cache(tmp_path, trainer):
     results = tmp_path / "results"
-    run_config = {**TINY, "num-server-rounds": 2, "min-nodes": 3, "results-dir": str(results)}
+    run_config = {**TINY, "num-server-rounds": 2, "min-nodes": 3, "results-dir": str(results), "trainer": trainer}
     with FlowerProcesses(tmp_path / "logs", workdir=tmp_path) as flower:
         flower.start_superlink(simulation=True)
         status = flower.run(repo_root(), run_config, {"num-supernodes": 3, "client-resources-num-cpus": 1},
@@ -90,6 +102,7 @@ def test_ray_simulation_two_rounds_grows_the_cache(tmp_path):
     first = [r for r in rows if r["round"] == 1]
     second = [r for r in rows if r["round"] == 2]
     assert len(first) == len(second) == 3 and all(r["status"] == "ok" for r in first), rows
+    assert all(r["trainer"] == trainer for r in rows if r["status"] in ("ok", "duplicate"))
     # round 2 chooses among round-1 uploads; an upload equal to its start (no step beat it) is not re-cached
     round1_ids = {r["new_id"] for r in first}
     assert all(r["offered"] == 3 and set(r["chosen"]) <= round1_ids for r in second)

@@ -52,9 +52,10 @@ import math
 import random
 import resource
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +248,12 @@ def length_batches(encoded: Sequence[dict], batch_size: int) -> list[list[int]]:
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+def eval_batches(encoded: Sequence[dict], pad_id: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Held-out batches sorted by length (little padding); every backend evaluates exactly these."""
+    for idx in length_batches(encoded, batch_size):
+        yield collate([encoded[i] for i in idx], pad_id)
+
+
 @torch.no_grad()
 def batch_nll(
     model: torch.nn.Module, encoded: Sequence[dict], pad_id: int, batches: Iterable[Sequence[int]]
@@ -335,9 +342,6 @@ def prepare_model(loaded: LoadedModel, start: Adapter | None = None, config: Fin
         p.requires_grad_(".lora_" in name)
     return model
 
-
-def _lora_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 @contextlib.contextmanager
@@ -537,6 +541,63 @@ def target_from_scratch(result: FinetuneResult, tolerance: float = TARGET_TOLERA
 
 
 # --- training ----------------------------------------------------------------------------------
+class TrainSession(Protocol):
+    """A model under LoRA training, as :func:`train_loop` drives it.
+
+    Why an interface: the PyTorch engine (:class:`TorchSession`) and on-device engines such as ONNX
+    Runtime (``xpert_fl.device``) share data, batches, stop rules and cost accounting through
+    :func:`train_loop`, so their numbers compare; only these operations differ.
+    """
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        """One optimizer step on a collated batch; returns the summed NLL and the labelled-token count."""
+        ...
+
+    def eval_loss(self, encoded: list[dict]) -> float:
+        """Token-weighted mean NLL over :func:`eval_batches` of ``encoded`` (no update)."""
+        ...
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the current LoRA tensors, by PEFT state-dict name."""
+        ...
+
+    def adapter(self, state: dict[str, torch.Tensor]) -> Adapter:
+        """The PEFT adapter holding ``state`` (a :meth:`snapshot`)."""
+        ...
+
+
+class TorchSession:
+    """PyTorch engine: a PEFT model (:func:`prepare_model`) and AdamW with gradient-norm clipping."""
+
+    def __init__(self, loaded: LoadedModel, start: Adapter | None, config: FinetuneConfig):
+        self.model = prepare_model(loaded, start, config)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.pad_id = pad_token_id(loaded.tokenizer)
+        self.fingerprint = loaded.fingerprint
+        self.config = config
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        self.model.train()
+        nll, n = _nll(self.model, batch)
+        (nll / max(n, 1)).backward()
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(nll.detach()), n
+
+    def eval_loss(self, encoded: list[dict]) -> float:
+        return _encoded_loss(self.model, encoded, self.pad_id, self.config.eval_batch_size)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def adapter(self, state: dict[str, torch.Tensor]) -> Adapter:
+        set_peft_model_state_dict(self.model, state)
+        return Adapter.from_peft(self.model, self.fingerprint)
+
+
 def finetune(
     loaded: LoadedModel,
     train: Sequence[Sample],
@@ -552,13 +613,30 @@ def finetune(
     step that crosses it is still evaluated). Returns the adapter of the best evaluation.
     """
     config = config or FinetuneConfig()
+    return train_loop(lambda: TorchSession(loaded, start, config), loaded, train, test, config, start, progress)
+
+
+def train_loop(
+    make_session: Callable[[], TrainSession],
+    loaded: LoadedModel,
+    train: Sequence[Sample],
+    test: Sequence[Sample],
+    config: FinetuneConfig,
+    start: Adapter | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """The fine-tuning protocol of :func:`finetune` over any :class:`TrainSession` backend.
+
+    ``make_session`` is called inside the timed, seeded region (global torch RNG seeded with
+    ``config.seed`` inside ``fork_rng``), so model preparation counts as cost and a fresh LoRA
+    initialization is the same for every backend.
+    """
     if not train:
         raise ValueError("finetune needs at least one training sample")
     if not test:
         raise ValueError("finetune needs at least one held-out sample")
     tok = loaded.tokenizer
     pad_id = pad_token_id(tok)
-    fingerprint = loaded.fingerprint
     train_enc = encode(tok, train, config.max_seq_len)
     test_enc = encode(tok, test, config.max_seq_len)
     lengths = [len(e["input_ids"]) for e in train_enc]
@@ -569,9 +647,7 @@ def finetune(
         meter = EnergyMeter(config.watts_per_core)
         t0 = time.perf_counter()
         torch.manual_seed(config.seed)
-        model = prepare_model(loaded, start, config)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        session = make_session()
         batches = _epochs(lengths, config, random.Random(config.seed))
         train_s = 0.0
         samples = tokens = padded = 0
@@ -579,49 +655,42 @@ def finetune(
 
         def evaluate(step: int) -> EvalPoint:
             nonlocal window_nll, window_tokens
-            loss = _encoded_loss(model, test_enc, pad_id, config.eval_batch_size)
+            loss = session.eval_loss(test_enc)
             train_loss = window_nll / window_tokens if window_tokens else None
             window_nll, window_tokens = 0.0, 0
             return EvalPoint(step, train_loss, loss, time.perf_counter() - t0, train_s, samples, tokens, meter.joules())
 
         history = [evaluate(0)]
-        best, best_step, best_state = history[0].test_loss, 0, _lora_state(model)
+        best, best_step, best_state = history[0].test_loss, 0, session.snapshot()
         bad, step = 0, 0
         stop = "max_steps"
         if target is not None and history[0].test_loss <= target:
             stop = "target"
         else:
             bar = tqdm(total=config.max_steps, desc="finetune", disable=not progress, leave=False)
-            model.train()
             while step < config.max_steps:
                 idx = next(batches)
                 batch = collate([train_enc[i] for i in idx], pad_id)
                 ts = time.perf_counter()
-                nll, n = _nll(model, batch)
-                (nll / max(n, 1)).backward()
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                nll, n = session.train_step(batch)
                 train_s += time.perf_counter() - ts
                 step += 1
                 samples += len(idx)
                 real = int(batch["attention_mask"].sum())
                 tokens += real
                 padded += batch["attention_mask"].numel()
-                window_nll, window_tokens = window_nll + float(nll.detach()), window_tokens + n
+                window_nll, window_tokens = window_nll + nll, window_tokens + n
                 bar.update(1)
                 out_of_time = config.max_seconds is not None and time.perf_counter() - t0 >= config.max_seconds
                 if step % config.eval_every and step < config.max_steps and not out_of_time:
                     continue
                 point = evaluate(step)
                 history.append(point)
-                model.train()
                 # patience counts evaluations that do not beat the best by min_delta; the kept
                 # weights are those of the lowest loss (so a target-reaching evaluation always wins)
                 bad = 0 if point.test_loss < best - config.min_delta else bad + 1
                 if point.test_loss < best:
-                    best, best_step, best_state = point.test_loss, step, _lora_state(model)
+                    best, best_step, best_state = point.test_loss, step, session.snapshot()
                 bar.set_postfix(train=f"{point.train_loss:.3f}", test=f"{point.test_loss:.3f}", best=f"{best:.3f}")
                 if target is not None and point.test_loss <= target:
                     stop = "target"
@@ -637,8 +706,7 @@ def finetune(
         energy = meter.joules()
         cpu_s = meter.cpu_seconds
         peak_mb = peak.mb()
-        set_peft_model_state_dict(model, best_state)
-        adapter = Adapter.from_peft(model, fingerprint)
+        adapter = session.adapter(best_state)
     adapter.meta = {
         "xpert_parent": start.content_hash if start is not None else "",
         "xpert_finetune_steps": str(best_step),
