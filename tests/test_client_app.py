@@ -48,7 +48,7 @@ def random_pllm(base, seed: int) -> Adapter:
     model = get_peft_model(shared_copy(base.model), lora)
     for name, p in model.named_parameters():
         if "lora_B" in name:
-            p.data.mul_(0.05)
+            p.data.mul_(0.5)
     return Adapter.from_peft(model, base.fingerprint)
 
 
@@ -155,6 +155,7 @@ def test_audit_no_personal_text_or_embedding_leaves_the_device(base, round_trip)
 
     # 2. No drift embedding or coordinates, in float32 or float64, whole or any two consecutive values.
     basis = round_trip["server"].basis
+    assert basis.size >= 1, "the audit needs coordinates to look for"
     drift = user_drift(base, round_trip["summarizer"], data.train, PROBE).vector
     coords = basis.coordinates(drift)
     for vec in (drift, coords):
