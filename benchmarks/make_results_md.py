@@ -42,12 +42,8 @@ def section(module, result: dict | None, results_dir: Path, out: Path) -> str:
     return title + meta + module.markdown(result) + f"\n{notes}\n![{module.NAME}]({figure})\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", default="benchmarks/results/experiments")
-    ap.add_argument("--out", default="benchmarks/results.md")
-    args = ap.parse_args()
-    results_dir, out = Path(args.results), Path(args.out)
+def build(results_dir: Path, out: Path) -> None:
+    """Validate every result file under ``results_dir`` and write the markdown to ``out``."""
     parts = [HEADER.format(results=results_dir)]
     for name, module in experiments().items():
         path = results_dir / f"{name}.json"
@@ -56,7 +52,15 @@ def main() -> None:
             validate(result, module.ROW_KEYS)
         parts.append(section(module, result, results_dir, out))
     out.write_text("\n".join(parts))
-    print(f"wrote {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default="benchmarks/results/experiments")
+    ap.add_argument("--out", default="benchmarks/results.md")
+    args = ap.parse_args()
+    build(Path(args.results), Path(args.out))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
