@@ -236,7 +236,7 @@ class Workbench:
                 held = [held[i] for i in np.random.default_rng(self.seed + u).permutation(len(held))]
                 val, gen = held[: self.cfg.val_samples], held[self.cfg.val_samples:][: self.cfg.gen_prompts]
                 out.append(User(f"{spec}#{u}", spec, tuple(mix), tuple(samples), tuple(val), tuple(gen)))
-        return out
+        return out[: self.cfg.max_users or None]
 
     # --- selection ----------------------------------------------------------------------------
     def selector(self, name: str) -> Selector:

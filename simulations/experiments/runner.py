@@ -58,6 +58,7 @@ class ExperimentConfig:
     styles: tuple[str, ...] = ("sarcastic", "poetic")  # () = every style of the corpus
     similarities: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9)
     users_per_style: int = 1
+    max_users: int = 0  # at most this many users (the first ones, style by style); 0 = all
     user_samples: int = 8
     val_samples: int = 8  # held-out samples of the user's style: the fine-tuning validation set
     probe_prompts: int = 16  # paper: 50
