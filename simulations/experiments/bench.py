@@ -7,12 +7,13 @@ What is memoised is only what does not depend on the measured quantity: greedy g
 ``TextStore`` in the work dir, keyed by model, mode, length and prompt), drift embeddings (per
 summarizer and pLLM), and fine-tuning runs within one process (per user and start point).
 
-The working cache is ``<work>/cache-<corpus>``: a copy of ``--cache`` when given (the source is never
-written), grown by ``build_cache`` with whatever (style, similarity) pLLM is missing.
+The working cache is ``<work>/cache-<corpus>-p<prompts>x<tokens>``: a copy of ``--cache`` when given (the
+source is never written), grown by ``build_cache`` with whatever (style, similarity) pLLM is missing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -111,7 +112,8 @@ class Workbench:
 
     # --- the cache ----------------------------------------------------------------------------
     def _working_cache(self) -> PLLMCache:
-        root = self.work / f"cache-{slug(self.corpus.name)}"
+        # One working cache per probe setting: its basis and drifts are only comparable within one setting.
+        root = self.work / f"cache-{slug(self.corpus.name)}-p{self.cfg.probe_prompts}x{self.cfg.probe_tokens}"
         src = self.ctx.source_cache
         if src is not None and not (root / "index.sqlite").is_file():
             shutil.copytree(src, root, ignore=shutil.ignore_patterns("writer.lock", "*.tmp"), dirs_exist_ok=True)
@@ -161,10 +163,12 @@ class Workbench:
         return self._summarizers[spec]
 
     def _drift_store(self, summarizer: Summarizer) -> tuple[Path, dict[str, dict]]:
-        path = self.work / "drifts" / f"{slug(summarizer.fingerprint)}.json"
-        if summarizer.fingerprint not in self._drifts:
-            self._drifts[summarizer.fingerprint] = json.loads(path.read_text()) if path.is_file() else {}
-        return path, self._drifts[summarizer.fingerprint]
+        """Drifts by pLLM, one file per summarizer and probe setting."""
+        probe = hashlib.sha256("\x1f".join([str(self.probe.max_new_tokens), *self.probe_prompts]).encode())
+        path = self.work / "drifts" / f"{slug(summarizer.fingerprint)}-{probe.hexdigest()[:12]}.json"
+        if path.name not in self._drifts:
+            self._drifts[path.name] = json.loads(path.read_text()) if path.is_file() else {}
+        return path, self._drifts[path.name]
 
     def pllm_drift(self, adapter: Adapter, summarizer: Summarizer) -> Drift:
         """A pLLM's drift from the base on the probe prompts (stored per summarizer)."""
