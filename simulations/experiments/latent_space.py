@@ -71,7 +71,9 @@ def run(bench) -> Outcome:
                "route": "pLLMs per level" if bench.cfg.level_pllms else "level data (device route)",
                "level_coords": {k: v.tolist() for k, v in level_coords.items()}}
     return Outcome(rows, summary, [
-        f"{len(users)} users, {bench.cfg.user_samples} texts each, route: {summary['route']}.",
+        f"{len(users)} users, {bench.cfg.user_samples} texts each, route: {summary['route']}."
+        + (" The basis is built from these users' own mean drifts (in-sample); the pLLM route (full preset) "
+           "builds it from probed pLLMs." if not bench.cfg.level_pllms else ""),
         "A triple of levels i < j < k counts as ordered when L1(c_i, c_j) < L1(c_i, c_k) and "
         "L1(c_k, c_j) < L1(c_k, c_i) (level-mean coordinates): the middle level lies between the ends."])
 
