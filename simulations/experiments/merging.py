@@ -74,7 +74,13 @@ def plot(result: dict, path: Path) -> None:
 
 def markdown(result: dict) -> str:
     s = result["summary"]
-    rows = [[start, *(plots.num(s[start][k]) for k in COST_KEYS)] for start in ("single", "merged")]
-    rows.append(["merged / single", *(plots.num(s["merged_over_single"][k]) for k in COST_KEYS)])
-    return (plots.md_table(["start (ours), ratio to scratch", *COST_KEYS], rows) +
+
+    def start_loss(start: str) -> str:
+        sel = [r["start_loss"] for r in result["rows"] if r["start"] == start]
+        return plots.num(sum(sel) / len(sel), 3)
+
+    rows = [[start, *(plots.num(s[start][k]) for k in COST_KEYS), start_loss(start)] for start in ("single", "merged")]
+    rows.append(["merged / single", *(plots.num(s["merged_over_single"][k]) for k in COST_KEYS), "–"])
+    return (plots.md_table(["start (ours), ratio to scratch", *COST_KEYS, "held-out loss at step 0"], rows) +
+            f"\nFrom-scratch held-out loss at step 0: {start_loss('scratch')}.\n" +
             f"\nMerges chosen by the δ rule: {s['merges_chosen']}. Paper: {result['paper']['finding']}.\n")
