@@ -121,15 +121,21 @@ def plot(result: dict, path: Path) -> None:
 
 def markdown(result: dict) -> str:
     ratios, scratch = result["summary"]["ratios"], result["summary"]["scratch"]
-    rows = [["scratch", "–", "1.00", "1.00", "1.00", "1.00", "–", "–",
+
+    def start_loss(similarity: object, method: str) -> str:
+        sel = [r["start_loss"] for r in result["rows"] if r["method"] == method and str(r["similarity"]) == similarity]
+        return plots.num(sum(sel) / len(sel), 3)
+
+    rows = [["scratch", "–", "1.00", "1.00", "1.00", "1.00", "–", "–", start_loss("None", "scratch"),
              *(plots.num(scratch[k]) for k in ("bleu", "rouge1", "rougeL"))]]
     for s, per in ratios.items():
         for m, c in per.items():
             rows.append([m, s, *(plots.num(c[k]) for k in ("steps", "seconds", "energy_joules", "samples",
                                                             "samples_needed")),
-                         f"{100 * c['reached']:.0f}%", *(plots.num(c[k]) for k in ("bleu", "rouge1", "rougeL"))])
+                         f"{100 * c['reached']:.0f}%", start_loss(s, m),
+                         *(plots.num(c[k]) for k in ("bleu", "rouge1", "rougeL"))])
     ours = plots.md_table(["start (ours)", "similarity", "steps", "seconds", "energy", "samples consumed",
-                           "samples needed", "reached target", "BLEU", "ROUGE-1", "ROUGE-L"], rows)
+                           "samples needed", "reached target", "loss at step 0", "BLEU", "ROUGE-1", "ROUGE-L"], rows)
     paper = result["paper"]
     prow = [[model, *(f"{v:.1f}" for v in vals), *(f"-{100 * (1 - v / vals[0]):.0f}%" for v in vals[1:])]
             for model, vals in paper["ft_time_min"].items()]
