@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from xpert_fl.cache import PLLMCache  # noqa: E402
 from xpert_fl.data import load_corpus, split_roles, user_samples  # noqa: E402
+from xpert_fl.evaluation import cost_ratio, costs_to_target  # noqa: E402
 from xpert_fl.finetune import FinetuneConfig, finetune, samples_to_target, target_from_scratch, with_target  # noqa: E402
 from xpert_fl.models import load_model  # noqa: E402
 from xpert_fl.production import build_cache, find_pllm  # noqa: E402
@@ -97,7 +98,7 @@ def main() -> None:
             warm = finetune(base, train, test, tcfg, start=cache.load_adapter(entry.id), progress=False)
             rows.append({
                 "style": style, "similarity": sim, "target_loss": target,
-                "scratch": _costs(scratch), "pllm": _costs(warm), "pllm_start_loss": warm.start_loss,
+                "scratch": costs_to_target(scratch), "pllm": costs_to_target(warm), "pllm_start_loss": warm.start_loss,
                 "scratch_start_loss": scratch.start_loss,
             })
             print(json.dumps(rows[-1]), flush=True)
@@ -115,7 +116,7 @@ def main() -> None:
     summary = {}
     for sim in args.similarities:
         sel = [r for r in rows if r["similarity"] == sim]
-        summary[str(sim)] = {k: _ratio(sel, k) for k in ("steps", "seconds", "energy_joules", "samples")}
+        summary[str(sim)] = {k: cost_ratio(sel, k) for k in ("steps", "seconds", "energy_joules", "samples")}
         summary[str(sim)]["reached"] = sum(r["pllm"]["reached"] for r in sel) / len(sel)
     eff_summary = {
         str(sim): _eff_ratio([e for e in efficiency if e["similarity"] == sim]) for sim in args.efficiency_similarities
@@ -136,22 +137,6 @@ def main() -> None:
     _plot(results, out / "finetune_savings.png")
     print(json.dumps({k: results[k] for k in ("summary_pllm_over_scratch", "data_efficiency_pllm_over_scratch",
                                               "throughput", "seconds")}, indent=2))
-
-
-def _costs(r) -> dict:
-    """Costs to the target; a run that never reached it counts its whole run (understating the saving)."""
-    hit = r.reached_target
-    return {"steps": r.steps_to_target if hit else r.steps, "seconds": r.seconds_to_target if hit else r.seconds,
-            "energy_joules": r.energy_joules_to_target if hit else r.energy_joules,
-            "samples": r.samples_consumed, "reached": hit, "best_test_loss": r.best_test_loss}
-
-
-def _ratio(rows: list[dict], key: str) -> float | None:
-    """Sum over users of the pLLM cost / sum of the from-scratch cost (unreached pLLM runs count their whole
-    run, which understates the saving: reported as is)."""
-    s = sum(r["scratch"][key] for r in rows)
-    p = sum(r["pllm"][key] for r in rows)
-    return p / s if s else None
 
 
 def _eff_ratio(rows: list[dict]) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from xpert_fl.basis import Basis, report  # noqa: E402
 from xpert_fl.cache import PLLMCache  # noqa: E402
 from xpert_fl.chat import chat_prompt  # noqa: E402
 from xpert_fl.data import load_corpus, similarity_mixture, split_roles, user_samples  # noqa: E402
+from xpert_fl.evaluation import wilson  # noqa: E402
 from xpert_fl.explain import ProbeConfig, adapter_answers  # noqa: E402
 from xpert_fl.finetune import FinetuneConfig  # noqa: E402
 from xpert_fl.models import load_model  # noqa: E402
@@ -46,16 +46,6 @@ VARIANTS = {
     "paper-slot-raw": SummarizerConfig(embedding="slot", calibrate=False),
     "mean-pool+ref": SummarizerConfig(embedding="mean-pool", calibrate=True, layer=1.0),
 }
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def main() -> None:

@@ -181,6 +181,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """One experiment of the suite (simulations/experiments): JSON + CSV + PNG under --out."""
+    from simulations.experiments import load
+    from simulations.experiments.bench import Workbench
+    from simulations.experiments.runner import Context, parse_overrides, preset, run
+
+    module = load(args.name)
+    ctx = Context(name=args.name, out=Path(args.out), config=preset(module, args.config, parse_overrides(args.set)),
+                  config_name=args.config + (" " + " ".join(args.set) if args.set else ""),
+                  corpus=args.corpus or getattr(module, "CORPUS", "builtin"),
+                  seed=args.seed, source_cache=Path(args.cache) if args.cache else None,
+                  work=Path(args.work) if args.work else None, summarizers=tuple(args.summarizer),
+                  threads=args.threads)
+    run(module, ctx, Workbench)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xpert", description="XPerT on Flower: explainable pLLM selection.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-config", action="append", default=[],
                    help='run-config overrides (pyproject keys), e.g. "num-server-rounds=3 users-per-round=1"')
     p.set_defaults(func=cmd_simulate)
+
+    from simulations.experiments import names
+
+    p = sub.add_parser("experiment", help="run one experiment of the paper's §7 (JSON + CSV + PNG)",
+                       description="Experiments: " + ", ".join(names()) + ". See simulations/README.md.")
+    p.add_argument("name", choices=names())
+    p.add_argument("--out", required=True, help="results folder (<name>.json/.csv/.png)")
+    p.add_argument("--corpus", default=None, help=f"a corpus directory or one of: {', '.join(BUILTIN)} "
+                   "(default: builtin; builtin-levels for latent-space)")
+    p.add_argument("--config", default="small", choices=["small", "full"],
+                   help="small: minutes on a 2-core CPU; full: the paper-sized run for a GPU machine")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set similarities=0.5,0.9 --set users_per_style=2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None, help="an existing pLLM cache to start from (copied, never written)")
+    p.add_argument("--work", default=None, help="generations/drifts/working cache (default: <out>/work)")
+    p.add_argument("--summarizer", action="append", default=[], metavar="SPEC",
+                   help="summarizer model spec(s) for summarizer-size (default: the embedded model)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared CPU)")
+    p.set_defaults(func=cmd_experiment)
     return parser
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,22 +91,41 @@ def adapter_answers(
     return generate(model, base.tokenizer, prompts, probe.max_new_tokens, probe.batch_size, chat=chat)
 
 
-def user_drift(base: LoadedModel, summarizer: Summarizer, samples: Sequence[Sample], probe: ProbeConfig) -> Drift:
-    """Drift of a user's own texts from what the base model writes in their place (like with like)."""
+# (prompts, chat) -> the base model's greedy answers (chat turns) or continuations (plain prefixes)
+BaseAnswers = Callable[[list[str], bool], list[str]]
+
+
+def base_generator(base: LoadedModel, probe: ProbeConfig) -> BaseAnswers:
+    """What a device runs to get the base model's texts in the place of the user's (no caching)."""
+    return lambda prompts, chat: generate(
+        base.model, base.tokenizer, prompts, probe.max_new_tokens, probe.batch_size, chat=chat
+    )
+
+
+def user_drift(
+    base: LoadedModel,
+    summarizer: Summarizer,
+    samples: Sequence[Sample],
+    probe: ProbeConfig,
+    base_answers: BaseAnswers | None = None,
+) -> Drift:
+    """Drift of a user's own texts from what the base model writes in their place (like with like).
+
+    ``base_answers`` (default :func:`base_generator`) lets an evaluation reuse stored base answers.
+    """
     if not samples:
         raise ValueError("user data is empty: at least one sample is needed to compute coordinates")
+    answer = base_answers or base_generator(base, probe)
     chat = [s for s in samples if s.prompt]
     plain = [s for s in samples if not s.prompt]
     refs, styled, contexts = [], [], []
     if chat:
-        refs += generate(base.model, base.tokenizer, [s.prompt for s in chat], probe.max_new_tokens, probe.batch_size)
+        refs += answer([s.prompt for s in chat], True)
         styled += [s.response for s in chat]
         contexts += [chat_prompt(base.tokenizer, s.prompt) for s in chat]
     if plain:
         prefixes, rests = zip(*(_split_text(s.response, probe.prefix_fraction) for s in plain), strict=True)
-        conts = generate(
-            base.model, base.tokenizer, list(prefixes), probe.max_new_tokens, probe.batch_size, chat=False
-        )
+        conts = answer(list(prefixes), False)
         refs += conts
         styled += list(rests)
         contexts += list(prefixes)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -40,7 +41,7 @@ import optuna
 from strategies.protocol import SelectRequest, payload_bytes, select_request
 from xpert_fl.baselines.core import BASIS_COORDS, DeviceMeter, Selection, SelectionTask, UserLoss, single
 from xpert_fl.basis import Basis
-from xpert_fl.explain import BASIS_FILE, ProbeConfig, offered_coordinates, user_coordinates
+from xpert_fl.explain import BASIS_FILE, Explanation, ProbeConfig, offered_coordinates, user_coordinates
 from xpert_fl.select import select
 from xpert_fl.summarizer import Summarizer
 
@@ -195,6 +196,10 @@ class XPerTSelector:
     ``summarizer``: the one the cache's basis was built with (default: a default-configured summarizer
     over the task's base model, created once). ``basis``: default the cache's ``basis.safetensors``.
     Bytes: the ``query.select`` payload, i.e. the basis sub-vectors and every explained pLLM's coordinates.
+
+    The user's coordinate depends only on its samples and the basis, not on the offer: a selector asked
+    again for the same samples and basis (an evaluation offering other pLLMs) reuses it and charges the
+    device seconds measured when it was computed, as a device that recomputed it would spend.
     """
 
     name = "xpert"
@@ -210,6 +215,7 @@ class XPerTSelector:
         self.summarizer, self.basis = summarizer, basis
         self.probe = probe or ProbeConfig()
         self.delta, self.max_parents = delta, max_parents
+        self._mine: dict[tuple, tuple[Explanation, float]] = {}
 
     def select(self, task: SelectionTask) -> Selection:
         if self.summarizer is None:
@@ -222,8 +228,14 @@ class XPerTSelector:
             return meter.selection(single(None))
         req = SelectRequest(basis, tuple(ids), coords, self.delta, self.max_parents, asdict(self.probe))
         meter.receive(BASIS_COORDS, payload_bytes(select_request(req)))
-        with meter.device():
+        key = (basis.summarizer, tuple(basis.words), tuple(task.samples))
+        if key not in self._mine:
+            t0 = time.perf_counter()
             mine = user_coordinates(task.base, self.summarizer, basis, task.samples, self.probe)
+            self._mine[key] = (mine, time.perf_counter() - t0)
+        mine, seconds = self._mine[key]
+        meter.seconds += seconds
+        with meter.device():
             choice = select(mine.coords, req.coords_by_id(), self.delta, self.max_parents, size=basis.size)
         return meter.selection(choice, choice.distances, basis_size=basis.size, explanation=mine.text)
 
