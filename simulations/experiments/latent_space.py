@@ -102,10 +102,7 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set_yticks(range(len(s["levels"])), s["levels"])
     axes[1].set_title(f"L1 between level means; ordered triples {100 * s['ordered_triples']:.0f}%")
     fig.colorbar(im, ax=axes[1])
-    fig.suptitle(TITLE, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, path, TITLE)
 
 
 def markdown(result: dict) -> str:

@@ -11,6 +11,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save(fig: plt.Figure, path: Path, title: str | None = None) -> None:
+    """Lay out, write the PNG and free the figure (every experiment's plot ends here)."""
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def pct_ci(cell: Mapping) -> str:
     """``"75% [41, 93]"`` from ``{"accuracy", "ci95"}``."""
     lo, hi = cell["ci95"]
@@ -42,9 +51,7 @@ def accuracy_lines(acc: Mapping[str, Mapping[str, Mapping]], chance: float | Non
         ax.axhline(chance, color="grey", ls="--", label="chance")
     ax.set(xlabel=xlabel, ylabel="selection accuracy", ylim=(-0.05, 1.05), title=title)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], ylabel: str, title: str, path: Path,
@@ -59,6 +66,4 @@ def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], y
     if log:
         ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)

@@ -110,10 +110,7 @@ def plot(result: dict, path: Path) -> None:
         if key != "correct":
             ax.set_yscale("symlog", linthresh=1e-2)
         ax.legend(fontsize=7)
-    fig.suptitle(TITLE, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, path, TITLE)
 
 
 def markdown(result: dict) -> str:

@@ -74,10 +74,7 @@ def plot(result: dict, path: Path) -> None:
         ax.bar(methods, [pm[m][key] / scale for m in methods])
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(TITLE, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, path, TITLE)
 
 
 def markdown(result: dict) -> str:

@@ -72,10 +72,7 @@ def plot(result: dict, path: Path) -> None:
         ax2.set_ylabel("candidate words examined")
         ax.legend(fontsize=7, loc="lower left")
         ax2.legend(fontsize=7, loc="upper right")
-    fig.suptitle(TITLE, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.save(fig, path, TITLE)
 
 
 def markdown(result: dict) -> str:
