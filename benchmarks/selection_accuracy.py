@@ -25,7 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import cached_answers, cached_json  # noqa: E402
+from _common import cached_answers  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from xpert_fl.basis import Basis, report  # noqa: E402
 from xpert_fl.cache import PLLMCache  # noqa: E402
@@ -35,13 +36,14 @@ from xpert_fl.evaluation import wilson  # noqa: E402
 from xpert_fl.explain import ProbeConfig, adapter_answers  # noqa: E402
 from xpert_fl.finetune import FinetuneConfig  # noqa: E402
 from xpert_fl.models import load_model  # noqa: E402
-from xpert_fl.probe import generate  # noqa: E402
+from xpert_fl.probe import generate, probe_prompts  # noqa: E402
 from xpert_fl.production import build_cache  # noqa: E402
 from xpert_fl.select import nearest  # noqa: E402
 from xpert_fl.summarizer import Summarizer, SummarizerConfig  # noqa: E402
 
 VARIANTS = {
     "response-pool (default)": SummarizerConfig(),
+    "response-pool, not whitened": SummarizerConfig(whiten=False),
     "paper-slot+null": SummarizerConfig(embedding="slot", calibrate=True),
     "paper-slot-raw": SummarizerConfig(embedding="slot", calibrate=False),
     "mean-pool+ref": SummarizerConfig(embedding="mean-pool", calibrate=True, layer=1.0),
@@ -54,7 +56,12 @@ def main() -> None:
     ap.add_argument("--similarity", type=float, default=0.9)
     ap.add_argument("--user-samples", type=int, default=8)
     ap.add_argument("--users-per-style", type=int, default=3)
-    ap.add_argument("--probe-prompts", type=int, default=24)
+    ap.add_argument("--probe-prompts", type=int, default=48)
+    ap.add_argument("--probes", choices=("set", "test"), default="set",
+                    help="chat corpora: the built-in probe set (server default) or the corpus's held-out test prompts")
+    ap.add_argument("--user-seeds", type=int, default=1,
+                    help="draw users from this many shuffles of the user role (disjoint within one shuffle; "
+                         "users of different shuffles share texts, so their choices are not independent)")
     ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--styles", nargs="*", default=None, help="pLLM styles in build order (default: all)")
@@ -89,27 +96,27 @@ def main() -> None:
     probe = ProbeConfig()
     chat = bool(corpus.neutral[0].prompt)
 
-    # probe prompts from the test role: never seen by any pLLM in training
-    test_prompts = sorted({s.prompt for s in roles["test"].neutral if s.prompt})[: args.probe_prompts]
-    if chat:
-        prompts = test_prompts
+    # probe prompts never seen by any pLLM in training nor written by any user
+    if chat and args.probes == "set":
+        prompts = probe_prompts(args.probe_prompts, seed=args.seed)
+    elif chat:
+        prompts = sorted({s.prompt for s in roles["test"].neutral if s.prompt})[: args.probe_prompts]
     else:  # prompt-less corpus: probe with prefixes of held-out neutral text
         prompts = [" ".join(s.response.split()[:8]) for s in roles["test"].neutral][: args.probe_prompts]
     contexts = [chat_prompt(base.tokenizer, p) for p in prompts] if chat else prompts
-    base_answers = cached_json(
-        work / "base_answers.json",
-        lambda: generate(base.model, base.tokenizer, prompts, probe.max_new_tokens, probe.batch_size, chat=chat),
-    )
-    pllm_answers = {}
-    for e in entries:
-        pllm_answers[e.id] = cached_json(
-            work / f"answers_{e.id}.json",
-            lambda e=e: adapter_answers(base, cache.load_adapter(e.id), prompts, probe, chat=chat),
-        )
+    def answers(name: str, generate_missing) -> list[str]:  # a growing store per model, keyed by probe
+        got = cached_answers(work / f"probe_{name}.json", prompts, generate_missing)
+        return [got[p] for p in prompts]
+
+    base_answers = answers("base", lambda todo: generate(
+        base.model, base.tokenizer, todo, probe.max_new_tokens, probe.batch_size, chat=chat))
+    pllm_answers = {e.id: answers(e.id, lambda todo, e=e: adapter_answers(
+        base, cache.load_adapter(e.id), todo, probe, chat=chat)) for e in tqdm(entries, desc="probe")}
 
     styles = list(corpus.styles)
     users = [
-        (style, u, user_samples(roles["user"], style, args.user_samples, user_index=u, seed=args.seed))
+        (style, f"{k}.{u}", user_samples(roles["user"], style, args.user_samples, user_index=u, seed=args.seed + k))
+        for k in range(args.user_seeds)
         for style in styles
         for u in range(args.users_per_style)
     ]
@@ -133,7 +140,8 @@ def main() -> None:
         raw = {i: d.vector for i, d in drifts.items()}
         hits = {"basis": 0, "raw": 0}
         per_user = []
-        user_drifts = [summarizer.drift(*triple) for triple in user_refs]
+        user_drifts = [summarizer.drift(*triple, candidates=False)
+                       for triple in tqdm(user_refs, desc=f"{name}: users", leave=False)]
         for (style, u, _), d in zip(users, user_drifts, strict=True):
             c_basis = nearest(basis.coordinates(d.vector), coords).ids[0]
             c_raw = nearest(d.vector, raw).ids[0]

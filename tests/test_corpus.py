@@ -102,3 +102,18 @@ def test_hub_loader_fails_clearly_offline(monkeypatch):
         hub_corpus(["arxiv"], per_style=2)
     with pytest.raises(KeyError, match="unknown hub source"):
         hub_corpus(["no-such-source"])
+
+
+def test_builtin_probe_set_is_disjoint_from_every_corpus_prompt():
+    """The server never probes a pLLM on an instruction it trained on, nor on a user's own prompt."""
+    from xpert_fl.probe import builtin_probe_set, probe_prompts
+
+    probes = builtin_probe_set()
+    assert len(probes) == 64 and len(set(probes)) == 64
+    corpus_prompts = {s.prompt.strip().lower() for name in ("builtin", "builtin-levels")
+                      for s in load_corpus(name).neutral}
+    assert not {p.lower() for p in probes} & corpus_prompts
+    assert probe_prompts(50) == probe_prompts(50) and set(probe_prompts(50)) < set(probes)
+    assert probe_prompts(8, seed=1) != probe_prompts(8, seed=0)
+    with pytest.raises(ValueError, match="the built-in probe set has 64 prompts, 65 requested"):
+        probe_prompts(65)

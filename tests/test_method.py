@@ -80,6 +80,35 @@ def test_response_pool_reads_the_text_in_its_context(base, summarizer, corpus):
     assert slot.fingerprint != summarizer.fingerprint
 
 
+def test_whitening_rescales_each_dimension_by_the_calibration_spread(base, summarizer, corpus):
+    """Whitened pools are the plain pools divided by one fixed per-dimension scale, so a drift (a
+    difference of means) is too; the scale is part of the embedding's identity."""
+    samples = corpus.styles["expert"][:3]
+    refs = [s.response for s in corpus.neutral[:3]]
+    styled = [s.response for s in samples]
+    contexts = [chat_prompt(base.tokenizer, s.prompt) for s in samples]
+    plain = Summarizer(base, SummarizerConfig(max_text_tokens=24, n_candidates=8, whiten=False))
+    scale = summarizer.scale()
+    assert scale.shape == (summarizer.dim,) and (scale > 0).all() and np.isfinite(scale).all()
+    np.testing.assert_array_equal(scale, Summarizer(base, TINY).scale())  # fixed by the summarizer alone
+    white, raw = summarizer.drift(refs, styled, contexts), plain.drift(refs, styled, contexts)
+    np.testing.assert_allclose(white.vector * scale, raw.vector, rtol=1e-4, atol=1e-4 * np.abs(raw.vector).max())
+    assert white.candidates == raw.candidates
+    assert ":w32" in summarizer.fingerprint and ":w" not in plain.fingerprint
+    with pytest.raises(ValueError, match="calibration_texts"):
+        SummarizerConfig(calibration_texts=1)
+
+
+def test_a_device_drift_skips_candidate_words(base, summarizer, corpus):
+    """Without candidates the pools run no slot prompt; the vector is the same."""
+    samples = corpus.styles["friendly"][:2]
+    refs, styled = [s.response for s in corpus.neutral[:2]], [s.response for s in samples]
+    contexts = [chat_prompt(base.tokenizer, s.prompt) for s in samples]
+    full, bare = summarizer.drift(refs, styled, contexts), summarizer.drift(refs, styled, contexts, candidates=False)
+    np.testing.assert_allclose(full.vector, bare.vector, atol=1e-5)
+    assert full.candidates and bare.candidates == [] and bare.probabilities == []
+
+
 def test_bad_drift_input(summarizer):
     with pytest.raises(ValueError, match="equally many"):
         summarizer.drift(["a"], ["b", "c"])

@@ -129,7 +129,8 @@ def user_drift(
         refs += conts
         styled += list(rests)
         contexts += list(prefixes)
-    return summarizer.drift(_nonempty(refs), styled, contexts)
+    # the device only maps onto the received basis: no candidate words, so no slot prompts to run
+    return summarizer.drift(_nonempty(refs), styled, contexts, candidates=False)
 
 
 def user_coordinates(

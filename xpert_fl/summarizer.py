@@ -16,10 +16,16 @@ like with like: how the style of an answer differs from the base model's answer 
 Hidden states of an LLM share a large common component (raw vectors have cosine ~0.99), so every
 embedding is calibrated: the slot by subtracting the embedding of a *null drift* (a reference text
 compared with another reference text), the pools by subtracting the references' pool.
+
+A few dimensions of the residual stream carry most of its magnitude ("massive activations") and
+would decide every distance, so the pools are also *whitened*: each dimension is divided by its
+spread over a fixed set of neutral calibration texts (the built-in corpus's neutral answers in
+their chat turns). The scale depends only on the summarizer, so server and devices agree on it.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +34,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from xpert_fl.chat import chat_prompt
+from xpert_fl.data.corpus import load_corpus
 from xpert_fl.layerwise import LayerwiseRunner
 from xpert_fl.models import LoadedModel
 
@@ -45,6 +53,7 @@ REFERENCE_WORDS = (
     "formal casual concise verbose friendly hostile poetic plain technical simple sarcastic sincere "
     "persuasive neutral informative vague elementary expert playful serious emotional dry lyrical blunt"
 ).split()
+POOL_MEMO = 16384  # pools memoized per summarizer at most (2.3 KB each at hidden size 576)
 _STOP = frozenset(
     "the and for with that this than more less very much text style language like about from into "
     "over such just also only both each other same different".split()
@@ -59,6 +68,8 @@ class SummarizerConfig:
     calibrate: bool = True  # subtract the null-drift (slot) or the references' pool (pools)
     layer: float = 0.8  # pools: depth read, as a fraction of the decoder layers (1.0: the final norm)
     candidate_pairs: int = 8  # pools: slot prompts run (on the first pairs) only to name candidate words
+    whiten: bool = True  # pools: divide each dimension by its spread over neutral calibration texts
+    calibration_texts: int = 32  # pools: neutral texts the whitening scale is measured on
     max_text_tokens: int = 96  # each text is cut to this many tokens before it is shown to S
     batch_size: int = 4
     n_candidates: int = 64  # candidate words kept per embedding
@@ -68,9 +79,11 @@ class SummarizerConfig:
     def __post_init__(self) -> None:
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
-        if self.max_text_tokens < 8 or self.batch_size < 1 or self.n_candidates < 1 or self.candidate_pairs < 1:
+        if (self.max_text_tokens < 8 or self.batch_size < 1 or self.n_candidates < 1 or self.candidate_pairs < 1
+                or self.calibration_texts < 2):
             raise ValueError(
-                "max_text_tokens >= 8, batch_size >= 1, n_candidates >= 1 and candidate_pairs >= 1 are required"
+                "max_text_tokens >= 8, batch_size >= 1, n_candidates >= 1, candidate_pairs >= 1 and "
+                "calibration_texts >= 2 are required"
             )
         if not 0.0 < self.layer <= 1.0:
             raise ValueError(f"layer is a fraction of the decoder layers in (0, 1], got {self.layer}")
@@ -101,13 +114,20 @@ class Summarizer:
         self._null: dict[tuple[str, ...], np.ndarray] = {}
         self._word_center: np.ndarray | None = None
         self._subvectors: dict[str, np.ndarray] = {}  # a word's sub-vector never changes for one summarizer
+        self._scale: np.ndarray | None = None
+        self._pools: dict[tuple[str, str], np.ndarray] = {}  # (context, text) -> unwhitened pool
 
     @property
     def fingerprint(self) -> str:
         """Identity of the embedding space: the model plus the settings that shape vectors."""
         c = self.config
-        depth = f":L{self.layer_index}" if c.embedding != "slot" else ""
-        return f"{self.loaded.fingerprint}:{c.embedding}{depth}:{int(c.calibrate)}:{c.max_text_tokens}"
+        pool = f":L{self.layer_index}" + (f":w{c.calibration_texts}" if c.whiten else "") if self.pooled else ""
+        return f"{self.loaded.fingerprint}:{c.embedding}{pool}:{int(c.calibrate)}:{c.max_text_tokens}"
+
+    @property
+    def pooled(self) -> bool:
+        """Whether vectors are pools of hidden states (not the paper's slot state)."""
+        return self.config.embedding != "slot"
 
     @property
     def dim(self) -> int:
@@ -156,15 +176,35 @@ class Summarizer:
             self.tokenizer.padding_side = side
         return torch.cat(vecs).numpy(), torch.cat(probs).numpy()
 
-    @torch.no_grad()
     def _pooled(self, contexts: Sequence[str], texts: Sequence[str]) -> np.ndarray:
-        """Mean of the states at ``layer_index`` over each text's tokens, the text following its context."""
+        """Pools in the embedding's space: whitened by the calibration scale when ``whiten`` is set."""
+        pools = self._pool_states(contexts, texts)
+        return pools / self.scale() if self.config.whiten else pools
+
+    def scale(self) -> np.ndarray:
+        """Per-dimension spread (std) of the pools of the neutral calibration texts, measured once."""
+        if self._scale is None:
+            ctx, texts = _calibration_texts(self.tokenizer, self.config.calibration_texts)
+            std = self._pool_states(self._contexts(ctx, len(texts)), texts).std(0).astype(np.float64)
+            # a dimension that never varies (dead) must not blow up: floor at a small fraction of the typical spread
+            self._scale = np.maximum(std, 1e-3 * float(np.median(std)) + 1e-12).astype(np.float32)
+        return self._scale
+
+    @torch.no_grad()
+    def _pool_states(self, contexts: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+        """Mean of the states at ``layer_index`` over each text's tokens, the text following its context.
+
+        Memoized per (context, text): a text pools the same every time, and the same base answers and
+        calibration texts are pooled for every drift."""
+        keys = list(zip(contexts, texts, strict=True))
+        todo = list(dict.fromkeys(k for k in keys if k not in self._pools))
+        if len(self._pools) + len(todo) > POOL_MEMO:
+            self._pools.clear()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        out = []
-        for start in range(0, len(texts), self.config.batch_size):
+        for start in range(0, len(todo), self.config.batch_size):
+            chunk = todo[start : start + self.config.batch_size]
             rows, lengths = [], []
-            for ctx, text in zip(contexts[start : start + self.config.batch_size],
-                                 texts[start : start + self.config.batch_size], strict=True):
+            for ctx, text in chunk:
                 sep = " " if ctx and not ctx[-1].isspace() else ""
                 ids = self.tokenizer(sep + text, add_special_tokens=False)["input_ids"][: self.config.max_text_tokens]
                 ctx_ids = self.tokenizer(ctx, add_special_tokens=False)["input_ids"] if ctx else []
@@ -174,8 +214,9 @@ class Summarizer:
             input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
             hidden = self._hidden(input_ids, mask, self.layer_index)
-            out += [hidden[i, width - n :, :].float().mean(0) for i, n in enumerate(lengths)]
-        return torch.stack(out).numpy()
+            for i, (key, n) in enumerate(zip(chunk, lengths, strict=True)):
+                self._pools[key] = hidden[i, width - n :, :].float().mean(0).numpy()
+        return np.stack([self._pools[k] for k in keys])
 
     def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, layers: int | None) -> torch.Tensor:
         """States after ``layers`` decoder layers (None or all: after the final norm), left padding aware."""
@@ -189,13 +230,14 @@ class Summarizer:
         return out.last_hidden_state if final else out.hidden_states[layers]
 
     def _raw(
-        self, refs: Sequence[str], styled: Sequence[str], contexts: Sequence[str] | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-pair vectors and the slot's next-token probabilities (for candidate words)."""
+        self, refs: Sequence[str], styled: Sequence[str], contexts: Sequence[str] | None, candidates: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per-pair vectors and the slot's next-token probabilities (for candidate words; pools skip
+        the slot prompts when no candidates are wanted)."""
         pairs = [self._pair_prompt(r, s) for r, s in zip(refs, styled, strict=True)]
-        if self.config.embedding == "slot":
+        if not self.pooled:
             return self._final_states(pairs)
-        probs = self._final_states(pairs[: self.config.candidate_pairs])[1]
+        probs = self._final_states(pairs[: self.config.candidate_pairs])[1] if candidates else None
         return self._pooled(self._contexts(contexts, len(styled)), styled), probs
 
     def _contexts(self, contexts: Sequence[str] | None, n: int) -> list[str]:
@@ -211,7 +253,7 @@ class Summarizer:
         (no style change); for the pools, the references' own pool (in their contexts)."""
         key = (tuple(refs), None if contexts is None else tuple(contexts))
         if key not in self._null:
-            if self.config.embedding == "slot":
+            if not self.pooled:
                 shifted = list(refs[1:]) + list(refs[:1])
                 self._null[key] = self._raw(refs, shifted, None)[0].mean(0)
             else:
@@ -219,23 +261,28 @@ class Summarizer:
         return self._null[key]
 
     def drift(
-        self, refs: Sequence[str], styled: Sequence[str], contexts: Sequence[str] | None = None
+        self, refs: Sequence[str], styled: Sequence[str], contexts: Sequence[str] | None = None,
+        candidates: bool = True,
     ) -> Drift:
         """Drift embedding of styled texts against reference texts (same length, paired by index).
 
         ``contexts[i]``: the text both ``refs[i]`` and ``styled[i]`` continue (a chat prompt rendered
         by ``chat.chat_prompt``, or a plain prefix); read by ``response-pool`` only.
+        ``candidates=False``: no candidate words (a device only needs the vector; the pools then skip
+        the slot prompts entirely).
         """
         if len(refs) != len(styled) or not refs:
             raise ValueError(f"need equally many reference and styled texts (> 0), got {len(refs)} and {len(styled)}")
         if any(not (t or "").strip() for t in styled):
             raise ValueError("styled texts must be non-empty")
-        vecs, probs = self._raw(refs, styled, contexts)
+        vecs, probs = self._raw(refs, styled, contexts, candidates)
         vector = vecs.mean(0)
         if self.config.calibrate:
             vector = vector - self.null_vector(refs, contexts)
         if not np.isfinite(vector).all():
             raise ValueError("drift embedding is not finite")
+        if probs is None:
+            return Drift(vector.astype(np.float32))
         words, p = self.candidate_words(probs.mean(0))
         return Drift(vector.astype(np.float32), words, p)
 
@@ -264,13 +311,23 @@ class Summarizer:
     def word_vectors(self, words: Sequence[str], progress: bool = False) -> np.ndarray:
         """Direct-route vectors in this embedding's space: the slot of ``WORD_PROMPT``, or the pool of
         ``WORD_TEXT`` (a pooled drift is no slot state, so the slot's word vector would not compare)."""
-        slot = self.config.embedding == "slot"
+        slot = not self.pooled
         texts = [self._chat(WORD_PROMPT.format(word=w)) if slot else WORD_TEXT.format(word=w) for w in words]
         out = []
         for i in tqdm(range(0, len(texts), 64), disable=not progress, desc="words", leave=False):
             chunk = texts[i : i + 64]
             out.append(self._final_states(chunk)[0] if slot else self._pooled([""] * len(chunk), chunk))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def _calibration_texts(tokenizer, n: int) -> tuple[list[str], list[str]]:
+    """A fixed sample of ``n`` neutral answers of the built-in corpus and their rendered chat turns."""
+    samples = sorted(load_corpus("builtin").neutral, key=lambda s: (s.prompt, s.response))
+    random.Random(0).shuffle(samples)
+    if n > len(samples):
+        raise ValueError(f"calibration_texts={n}: the built-in corpus has {len(samples)} neutral texts")
+    chosen = samples[:n]
+    return [chat_prompt(tokenizer, s.prompt) for s in chosen], [s.response for s in chosen]
 
 
 def _word_vocabulary(tokenizer) -> tuple[np.ndarray, list[str]]:

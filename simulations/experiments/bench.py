@@ -43,7 +43,7 @@ from xpert_fl.explain import (
 )
 from xpert_fl.finetune import FinetuneConfig, FinetuneResult, finetune, target_from_scratch, with_target
 from xpert_fl.models import DEFAULT_SPEC, load_model
-from xpert_fl.probe import generate
+from xpert_fl.probe import generate, probe_prompts
 from xpert_fl.production import build_cache
 from xpert_fl.select import nearest
 from xpert_fl.summarizer import Drift, Summarizer
@@ -113,7 +113,7 @@ class Workbench:
     # --- the cache ----------------------------------------------------------------------------
     def _working_cache(self) -> PLLMCache:
         # One working cache per probe setting: its basis and drifts are only comparable within one setting.
-        root = self.work / f"cache-{slug(self.corpus.name)}-p{self.cfg.probe_prompts}x{self.cfg.probe_tokens}"
+        root = self.work / f"cache-{slug(self.corpus.name)}-p{self.cfg.probe_prompts}-{self.probe_digest}"
         src = self.ctx.source_cache
         if src is not None and not (root / "index.sqlite").is_file():
             shutil.copytree(src, root, ignore=shutil.ignore_patterns("writer.lock", "*.tmp"), dirs_exist_ok=True)
@@ -129,11 +129,18 @@ class Workbench:
     # --- generations --------------------------------------------------------------------------
     @cached_property
     def probe_prompts(self) -> list[str]:
-        """Probe prompts from the test role (never in any pLLM's training data); prefixes for plain text."""
-        test = self.roles["test"].neutral
+        """The server's probe set (never in any pLLM's training data, nor a user's prompt); for plain text,
+        prefixes of the test role's neutral passages."""
         if self.chat:
-            return sorted({s.prompt for s in test if s.prompt})[: self.cfg.probe_prompts]
+            return probe_prompts(self.cfg.probe_prompts, seed=self.seed)
+        test = self.roles["test"].neutral
         return [" ".join(s.response.split()[:8]) for s in test][: self.cfg.probe_prompts]
+
+    @cached_property
+    def probe_digest(self) -> str:
+        """Identity of the probe setting (prompts and answer length): drifts and bases differ per setting."""
+        probe = "\x1f".join([str(self.probe.max_new_tokens), *self.probe_prompts])
+        return hashlib.sha256(probe.encode()).hexdigest()[:12]
 
     def answers(self, adapter: Adapter | None, prompts: list[str], chat: bool | None = None,
                 max_new_tokens: int | None = None) -> list[str]:
@@ -164,8 +171,7 @@ class Workbench:
 
     def _drift_store(self, summarizer: Summarizer) -> tuple[Path, dict[str, dict]]:
         """Drifts by pLLM, one file per summarizer and probe setting."""
-        probe = hashlib.sha256("\x1f".join([str(self.probe.max_new_tokens), *self.probe_prompts]).encode())
-        path = self.work / "drifts" / f"{slug(summarizer.fingerprint)}-{probe.hexdigest()[:12]}.json"
+        path = self.work / "drifts" / f"{slug(summarizer.fingerprint)}-{self.probe_digest}.json"
         if path.name not in self._drifts:
             self._drifts[path.name] = json.loads(path.read_text()) if path.is_file() else {}
         return path, self._drifts[path.name]
