@@ -56,9 +56,10 @@ def main() -> None:
     ap.add_argument("--similarity", type=float, default=0.9)
     ap.add_argument("--user-samples", type=int, default=8)
     ap.add_argument("--users-per-style", type=int, default=3)
-    ap.add_argument("--probe-prompts", type=int, default=48)
-    ap.add_argument("--probes", choices=("set", "test"), default="set",
-                    help="chat corpora: the built-in probe set (server default) or the corpus's held-out test prompts")
+    ap.add_argument("--probe-prompts", type=int, default=21)
+    ap.add_argument("--probes", choices=("test", "set"), default="test",
+                    help="chat corpora: the corpus's held-out test prompts topped up from the built-in probe set "
+                         "(as the server), or the built-in probe set alone")
     ap.add_argument("--user-seeds", type=int, default=1,
                     help="draw users from this many shuffles of the user role (disjoint within one shuffle; "
                          "users of different shuffles share texts, so their choices are not independent)")
@@ -97,10 +98,8 @@ def main() -> None:
     chat = bool(corpus.neutral[0].prompt)
 
     # probe prompts never seen by any pLLM in training nor written by any user
-    if chat and args.probes == "set":
-        prompts = probe_prompts(args.probe_prompts, seed=args.seed)
-    elif chat:
-        prompts = sorted({s.prompt for s in roles["test"].neutral if s.prompt})[: args.probe_prompts]
+    if chat:
+        prompts = probe_prompts(args.probe_prompts, roles["test"] if args.probes == "test" else None, seed=args.seed)
     else:  # prompt-less corpus: probe with prefixes of held-out neutral text
         prompts = [" ".join(s.response.split()[:8]) for s in roles["test"].neutral][: args.probe_prompts]
     contexts = [chat_prompt(base.tokenizer, p) for p in prompts] if chat else prompts
@@ -138,16 +137,15 @@ def main() -> None:
         decs = [basis.decompose(d.vector, d.candidates, summarizer.subvector) for d in drifts.values()]
         coords = dict(zip(drifts, basis.project_all([d.vector for d in drifts.values()]), strict=True))
         raw = {i: d.vector for i, d in drifts.items()}
-        hits = {"basis": 0, "raw": 0}
-        per_user = []
-        user_drifts = [summarizer.drift(*triple, candidates=False)
+        user_drifts = [summarizer.drift(*triple, candidates=False).vector
                        for triple in tqdm(user_refs, desc=f"{name}: users", leave=False)]
-        for (style, u, _), d in zip(users, user_drifts, strict=True):
-            c_basis = nearest(basis.coordinates(d.vector), coords).ids[0]
-            c_raw = nearest(d.vector, raw).ids[0]
-            hits["basis"] += label[c_basis] == style
-            hits["raw"] += label[c_raw] == style
-            per_user.append({"style": style, "user": u, "basis_choice": label[c_basis], "raw_choice": label[c_raw]})
+        mine = [basis.coordinates(v) for v in user_drifts]
+        routes = {  # route -> (the pLLMs' vectors, the users' vectors, Gram matrix: None = L1, Eq. 1)
+            "basis": (coords, mine, None),
+            "basis_drift": (coords, mine, basis.gram),
+            "raw": (raw, user_drifts, None),
+            "raw_l2": (raw, user_drifts, np.eye(summarizer.dim)),
+        }
         if own:
             own_d = {e.id: summarizer.drift(*triple) for e, triple in zip(entries, own_refs, strict=True)}
             own_drift = {i: d.vector for i, d in own_d.items()}
@@ -157,17 +155,27 @@ def main() -> None:
             own_coords = dict(zip(own_drift, own_basis.project_all(list(own_drift.values())), strict=True))
             # the server's check of a self-report: its probe drift must be nearest to that pLLM's own report
             verified = sum(nearest(drifts[i].vector, own_drift).ids[0] == i for i in own_drift)
-            hits["self-reported"] = 0
-            for (style, _, _), d in zip(users, user_drifts, strict=True):
-                hits["self-reported"] += label[nearest(own_basis.coordinates(d.vector), own_coords).ids[0]] == style
+            own_mine = [own_basis.coordinates(v) for v in user_drifts]
+            routes["self"] = (own_coords, own_mine, None)
+            routes["self_drift"] = (own_coords, own_mine, own_basis.gram)
+        choices = {r: _choices(label, *spec) for r, spec in routes.items()}
+        per_user = [{"style": style, "user": u, **{r: c[k] for r, c in choices.items()}}
+                    for k, (style, u, _) in enumerate(users)]
+        hits = {r: sum(c == style for c, (style, _, _) in zip(cs, users, strict=True)) for r, cs in choices.items()}
         n = len(users)
         results["variants"][name] = {
             "accuracy": hits["basis"] / n,
             "ci95": wilson(hits["basis"], n),
+            "drift_distance_accuracy": hits["basis_drift"] / n,
+            "drift_distance_ci95": wilson(hits["basis_drift"], n),
             "raw_drift_accuracy": hits["raw"] / n,
             "raw_ci95": wilson(hits["raw"], n),
-            **({"self_reported_accuracy": hits["self-reported"] / n,
-                "self_reported_ci95": wilson(hits["self-reported"], n),
+            "raw_l2_accuracy": hits["raw_l2"] / n,
+            "raw_l2_ci95": wilson(hits["raw_l2"], n),
+            **({"self_reported_accuracy": hits["self"] / n,
+                "self_reported_ci95": wilson(hits["self"], n),
+                "self_reported_drift_accuracy": hits["self_drift"] / n,
+                "self_reported_drift_ci95": wilson(hits["self_drift"], n),
                 "self_reports_verified_by_probe": verified / len(entries)} if own else {}),
             "basis_size": basis.size,
             "basis_words": basis.words,
@@ -178,9 +186,14 @@ def main() -> None:
             "per_user": per_user,
         }
         print(json.dumps({name: {k: v for k, v in results["variants"][name].items() if k != "per_user"}}), flush=True)
-    results["seconds"] = time.perf_counter() - t0
-    (out / f"selection_accuracy_{tag}.json").write_text(json.dumps(results, indent=2))
-    _plot(results, out / f"selection_accuracy_{tag}.png", tag)
+        results["seconds"] = time.perf_counter() - t0  # written after every variant: a long run keeps what it has
+        (out / f"selection_accuracy_{tag}.json").write_text(json.dumps(results, indent=2))
+        _plot(results, out / f"selection_accuracy_{tag}.png", tag)
+
+
+def _choices(label: dict, pllms: dict, users: list, gram) -> list[str]:
+    """The style of the pLLM each user picks (Eq. 1 when ``gram`` is None, else the drift distance)."""
+    return [label[nearest(v, pllms, gram=gram).ids[0]] for v in users]
 
 
 def _basis(summarizer: Summarizer, args) -> Basis:
@@ -214,22 +227,31 @@ def _nonempty(texts):
     return [t if t.strip() else "(no answer)" for t in texts]
 
 
+ROUTES = (  # (accuracy key, CI key, legend)
+    ("accuracy", "ci95", "basis coordinates, Eq. 1 (L1)"),
+    ("drift_distance_accuracy", "drift_distance_ci95", "basis coordinates, drift distance"),
+    ("raw_l2_accuracy", "raw_l2_ci95", "raw drift vectors (L2)"),
+    ("self_reported_drift_accuracy", "self_reported_drift_ci95", "self-reported pLLM coordinates"),
+)
+
+
 def _plot(results: dict, path: Path, tag: str) -> None:
     names = list(results["variants"])
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 4))
-    x = np.arange(len(names))
-    for off, key, ci, lab in ((-0.18, "accuracy", "ci95", "basis coordinates (XPerT)"),
-                              (0.18, "raw_drift_accuracy", "raw_ci95", "raw drift vectors")):
+    routes = [r for r in ROUTES if all(r[0] in results["variants"][n] for n in names)]
+    fig, ax = plt.subplots(figsize=(2.4 + 2.2 * len(names), 4.2))
+    x, width = np.arange(len(names)), 0.8 / len(routes)
+    for j, (key, ci, lab) in enumerate(routes):
         vals = [results["variants"][n][key] for n in names]
         lo = [v - results["variants"][n][ci][0] for n, v in zip(names, vals, strict=True)]
         hi = [results["variants"][n][ci][1] - v for n, v in zip(names, vals, strict=True)]
-        ax.bar(x + off, vals, 0.34, yerr=[lo, hi], capsize=3, label=lab)
+        ax.bar(x + (j - (len(routes) - 1) / 2) * width, vals, width, yerr=[lo, hi], capsize=3, label=lab)
     ax.axhline(results["chance"], color="grey", ls="--", label="chance")
+    ax.axhline(0.96, color="black", ls=":", lw=1, label="goal (paper, 8B summarizer)")
     ax.set_xticks(x, names, rotation=10)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("selection accuracy")
     ax.set_title(f"{tag}: {results['n_users']} users, {results['n_pllms']} pLLMs (95% Wilson CI)")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

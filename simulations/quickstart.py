@@ -68,7 +68,7 @@ def run(cfg: QuickstartConfig) -> list[dict]:
     summarizer = Summarizer(base)
     probe = ProbeConfig()
     basis = open_basis(cache.root, summarizer, tau_orth=0.1, tau_res=0.2, orthogonalize=True)
-    prompts = probe_prompts(cfg.probe_prompts, seed=cfg.seed)
+    prompts = probe_prompts(cfg.probe_prompts, roles["test"], seed=cfg.seed)
     decs = explain_cache(cache, Explainer(base, summarizer, prompts, probe), basis)
     entries = {e.id: e for e in cache.entries()}
     coords = {i: e.coords for i, e in entries.items()}

@@ -18,6 +18,7 @@ import numpy as np
 from xpert_fl.adapters import Adapter, validate_adapter
 from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
+from xpert_fl.data import load_corpus, split_roles
 from xpert_fl.explain import Explainer, ProbeConfig, explain_cache, offered_coordinates, open_basis
 from xpert_fl.models import load_model
 from xpert_fl.probe import probe_prompts
@@ -49,6 +50,7 @@ class PLLMServer:
         model: str,
         summarizer: str,
         *,
+        corpus: str = "builtin",
         num_probe_prompts: int = 50,
         probe: ProbeConfig | None = None,
         tau_orth: float = 0.1,
@@ -60,8 +62,8 @@ class PLLMServer:
     ) -> PLLMServer:
         """Load the models (once), open or create the cache and its basis, explain what is unexplained.
 
-        Probe prompts are the built-in probe set (``probe.builtin_probe_set``), disjoint from every
-        built-in corpus prompt: no pLLM was trained on them and no user wrote them.
+        Probe prompts come from the corpus's *test* role, disjoint from every user's data, topped up
+        from the built-in probe set when more are asked for (``probe.probe_prompts``).
         ``max_candidates``: candidate words Algorithm 1 may examine per pLLM (each costs one forward).
         """
         base = load_model(model)
@@ -69,7 +71,7 @@ class PLLMServer:
         summ = Summarizer(summ_model, SummarizerConfig(n_candidates=max_candidates))
         cache = PLLMCache(cache_dir, BaseInfo.from_loaded(base))
         basis = open_basis(cache.root, summ, tau_orth, tau_res, orthogonalize, complete_basis)
-        prompts = probe_prompts(num_probe_prompts, seed=seed)
+        prompts = probe_prompts(num_probe_prompts, split_roles(load_corpus(corpus), seed=seed)["test"], seed=seed)
         server = cls(cache, basis, Explainer(base, summ, prompts, probe or ProbeConfig()))
         server.explain_pending()
         return server

@@ -36,6 +36,7 @@ def main(grid: Grid, context: Context) -> None:
         cache_dir,
         cfg.model,
         cfg.summarizer,
+        corpus=cfg.corpus,
         num_probe_prompts=cfg.num_probe_prompts,
         probe=ProbeConfig(max_new_tokens=cfg.probe_max_new_tokens, batch_size=cfg.probe_batch_size),
         tau_orth=cfg.tau_orth,

@@ -115,5 +115,13 @@ def test_builtin_probe_set_is_disjoint_from_every_corpus_prompt():
     assert not {p.lower() for p in probes} & corpus_prompts
     assert probe_prompts(50) == probe_prompts(50) and set(probe_prompts(50)) < set(probes)
     assert probe_prompts(8, seed=1) != probe_prompts(8, seed=0)
-    with pytest.raises(ValueError, match="the built-in probe set has 64 prompts, 65 requested"):
+    with pytest.raises(ValueError, match="the built-in probe set: 64 prompts, 65 requested"):
         probe_prompts(65)
+    # a corpus's held-out prompts come first (same domain as its users), topped up from the probe set
+    from xpert_fl.data import split_roles
+
+    test = split_roles(load_corpus("builtin"), seed=0)["test"]
+    own = {s.prompt for s in test.neutral}
+    mixed = probe_prompts(len(own) + 10, test)
+    assert set(mixed[: len(own)]) == own and set(mixed[len(own):]) < set(probes)
+    assert mixed[:5] == probe_prompts(5, test)

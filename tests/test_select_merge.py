@@ -85,6 +85,40 @@ def _brute_force_nnls_residual(a: np.ndarray, b: np.ndarray) -> float:
     return best
 
 
+def test_drift_distance_is_the_distance_between_reconstructed_drifts():
+    """With ``gram`` the distance is ||(c − u) V||₂ for any basis; on an orthogonal basis the nearest pLLM
+    is then the one whose drift embedding is Euclidean-nearest, whatever the user's part outside the basis."""
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(4, 12)) * rng.uniform(0.1, 5.0, size=(4, 1))  # near-orthogonal, unequal lengths
+    coords = {f"p{i}": rng.normal(size=4) for i in range(6)}
+    user = rng.normal(size=4)
+    got = nearest(user, coords, gram=v @ v.T)
+    want = {i: float(np.linalg.norm((c - user) @ v)) for i, c in coords.items()}
+    assert got.distances == pytest.approx(want)
+    assert got.ids == (min(want, key=want.get),)
+    q, _ = np.linalg.qr(rng.normal(size=(12, 4)))
+    vo = q.T * np.array([0.2, 1.0, 3.0, 7.0])[:, None]  # orthogonal rows of very different lengths
+    drifts = {i: c @ vo for i, c in coords.items()}
+    user_drift = user @ vo + 5.0 * (np.eye(12)[0] - q @ q[0])  # plus a part outside the span
+    coefficient = vo @ user_drift / (vo**2).sum(1)  # Eq. 2
+    euclid = {i: float(np.linalg.norm(d - user_drift)) for i, d in drifts.items()}
+    assert nearest(coefficient, coords, gram=vo @ vo.T).ids == (min(euclid, key=euclid.get),)
+    with pytest.raises(ValueError, match="pass basis.gram"):
+        nearest(user, coords, gram=np.eye(3))
+    with pytest.raises(ValueError, match="symmetric"):
+        nearest(user, coords, gram=np.triu(np.ones((4, 4))))
+
+
+def test_merge_weights_in_the_drift_space_recover_a_mix():
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(3, 8))
+    coords = {"a": np.array([1.0, 0.0, 0.0]), "b": np.array([0.0, 2.0, 0.5]), "c": np.array([0.3, 0.3, 3.0])}
+    user = 0.25 * coords["a"] + 0.75 * coords["b"]
+    mix = select(user, coords, delta=0.0, gram=v @ v.T)
+    assert mix.kind == "merge" and mix.ids == ("a", "b")
+    assert mix.weights == pytest.approx((0.25, 0.75), abs=1e-8) and mix.distance == pytest.approx(0.0, abs=1e-8)
+
+
 def test_nnls_matches_brute_force():
     rng = np.random.default_rng(0)
     for _ in range(300):

@@ -122,6 +122,13 @@ class Basis:
         """Number of words k (not ``__len__``: an empty basis should not be falsy)."""
         return len(self.words)
 
+    @property
+    def gram(self) -> np.ndarray:
+        """``G = V Vᵀ`` (k × k, float64): with it, distances between coordinates are distances between the
+        drifts they reconstruct (``select.nearest(..., gram=basis.gram)``)."""
+        v = self._v64()
+        return v @ v.T
+
     # --- Eq. 2 / Eq. 3 ---------------------------------------------------------------------
     def coordinates(self, e: np.ndarray) -> np.ndarray:
         """Eq. 2: ``c_i = <e, v_i> / ||v_i||^2`` (float64, shape (k,))."""

@@ -8,14 +8,23 @@ Lengths: the basis only grows, so an older coordinate may be shorter than a newe
 else the longest cached coordinate. Zero-padding treats words added later as absent from that vector;
 re-projecting every entry on the final basis (``Basis.project_all``) is better where possible.
 
-Selection rule (``select``), with ``n`` = nearest single pLLM (Eq. 1, L1) and ``m`` = best merge:
+Distance: the paper's Eq. 1 is the L1 distance of coordinates. Given the basis's Gram matrix
+``G = V Vᵀ`` (``gram=basis.gram``), distances are instead Euclidean between the drifts the coordinates
+reconstruct, ``||Σ_i (c_i − u_i) v_i||₂``. On an orthogonal basis that is exactly the Euclidean distance
+of the drift embeddings themselves (minus the user's part outside the basis, the same for every pLLM),
+so it does not depend on the order in which pLLMs built the basis, and it does not inflate words whose
+sub-vector is short, as L1 on coefficients does. It selected better on the embedded summarizer
+(benchmarks/selection_accuracy.py); the run config's ``distance`` chooses.
+
+Selection rule (``select``), with ``n`` = nearest single pLLM (Eq. 1) and ``m`` = best merge:
 
 1. empty cache: the base model (``kind="base"``);
 2. ``dist(n) <= delta``: ``n`` (a close enough pLLM exists; merging is not tried);
 3. otherwise ``m`` if ``dist(m) < dist(n)`` strictly, else ``n``.
 
-``delta = inf`` therefore always returns the nearest pLLM. Merge weights are fitted in L2 (NNLS) but
-judged in L1 like Eq. 1, so a merge that does not actually get closer in L1 is never chosen. The base
+``delta = inf`` therefore always returns the nearest pLLM. Merge weights are fitted in L2 (NNLS, in
+the drift space when ``gram`` is given) but judged by the selection distance, so a merge that does
+not actually get closer is never chosen. The base
 model has no drift, i.e. coordinate 0; when the best non-negative mix is all zeros, ``merge_weights``
 returns the base model (``kind="base"``), which rule 3 then picks only if it is closer than ``n``.
 
@@ -27,7 +36,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,9 +48,9 @@ KINDS = ("single", "merge", "base")
 class Choice:
     """What a device picked: one pLLM, a weighted merge of several, or the base model.
 
-    ``distance``: L1 distance between the user's coordinate and the chosen pLLM's (or the merged
-    coordinate ``Σ α_j c_j``; 0 for the base model's coordinate). ``distances``: L1 distance to every
-    candidate, by id (empty for an empty cache).
+    ``distance``: selection distance (module docstring: L1, or between drifts) between the user's
+    coordinate and the chosen pLLM's (or the merged coordinate ``Σ α_j c_j``; 0 for the base model's
+    coordinate). ``distances``: the distance to every candidate, by id (empty for an empty cache).
     """
 
     kind: str
@@ -75,7 +84,7 @@ class Choice:
         distances = {str(k): _finite(v, "choice distance") for k, v in self.distances.items()}
         distance = _finite(self.distance, "choice distance")
         if distance < 0 or any(d < 0 for d in distances.values()):
-            raise ValueError("L1 distances cannot be negative")
+            raise ValueError("choice distances cannot be negative")
         object.__setattr__(self, "ids", ids)
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "distance", distance)
@@ -118,37 +127,45 @@ class Choice:
 
 
 # --- Eq. 1 ------------------------------------------------------------------------------------------
-def nearest(user: np.ndarray, coords: Mapping[str, np.ndarray], *, size: int | None = None) -> Choice:
-    """Eq. 1: the cached pLLM with the smallest L1 distance to the user's coordinate.
+def nearest(
+    user: np.ndarray, coords: Mapping[str, np.ndarray], *, size: int | None = None, gram: np.ndarray | None = None
+) -> Choice:
+    """Eq. 1: the cached pLLM nearest to the user's coordinate (L1; between drifts given ``gram``).
 
     Ties go to the first id in ``coords``' order (pass entries in creation order). An empty cache gives
-    ``Choice(kind="base")`` with the distance to the base model's zero coordinate, ``||c_u||_1``.
+    ``Choice(kind="base")`` with the distance to the base model's zero coordinate.
     """
-    u, ids, c = _prepare(user, coords, size)
+    u, ids, c, norm = _prepare(user, coords, size, gram)
     if not ids:
-        return Choice("base", distance=float(np.abs(u).sum()))
-    dist = np.abs(c - u).sum(axis=1)
+        return Choice("base", distance=float(norm(u)))
+    dist = norm(c - u)
     best = int(np.argmin(dist))  # first minimum: deterministic ties
     distances = dict(zip(ids, dist.tolist(), strict=True))
     return Choice("single", (ids[best],), (1.0,), float(dist[best]), distances)
 
 
 def merge_weights(
-    user: np.ndarray, coords: Mapping[str, np.ndarray], max_parents: int = 3, *, size: int | None = None
+    user: np.ndarray,
+    coords: Mapping[str, np.ndarray],
+    max_parents: int = 3,
+    *,
+    size: int | None = None,
+    gram: np.ndarray | None = None,
 ) -> Choice:
     """A few parents and weights ``α_j >= 0`` minimising ``||Σ α_j c_j − c_u||_2``.
 
     NNLS over all candidates, keep the ``max_parents`` largest positive weights (ties: ``coords``
-    order), re-fit NNLS on those and drop any that fall to zero. ``distance`` is the L1 distance of the
-    merged coordinate. All-zero weights (no non-negative mix beats the zero vector) give the base model.
+    order), re-fit NNLS on those and drop any that fall to zero (in the drift space given ``gram``).
+    ``distance`` is the selection distance of the merged coordinate. All-zero weights (no non-negative
+    mix beats the zero vector) give the base model.
     """
     if isinstance(max_parents, bool) or not isinstance(max_parents, int) or max_parents < 1:
         raise ValueError(f"max_parents must be a positive integer, got {max_parents!r}")
-    u, ids, c = _prepare(user, coords, size)
-    base = Choice("base", distance=float(np.abs(u).sum()))
+    u, ids, c, norm = _prepare(user, coords, size, gram)
+    base = Choice("base", distance=float(norm(u)))
     if not ids:
         return base
-    distances = dict(zip(ids, np.abs(c - u).sum(axis=1).tolist(), strict=True))
+    distances = dict(zip(ids, norm(c - u).tolist(), strict=True))
     alpha = nnls(c.T, u)
     order = sorted((i for i in range(len(ids)) if alpha[i] > 0), key=lambda i: -alpha[i])[:max_parents]
     keep = sorted(order)  # parents in coords order
@@ -163,7 +180,7 @@ def merge_weights(
         "merge",
         tuple(ids[i] for i, _ in parents),
         tuple(a for _, a in parents),
-        float(np.abs(merged - u).sum()),
+        float(norm(merged - u)),
         distances,
     )
 
@@ -175,10 +192,11 @@ def select(
     max_parents: int = 3,
     *,
     size: int | None = None,
+    gram: np.ndarray | None = None,
 ) -> Choice:
-    """Nearest pLLM if within ``delta`` (L1), else a merge if strictly closer, else the nearest.
+    """Nearest pLLM if within ``delta``, else a merge if strictly closer, else the nearest.
 
-    See the module docstring for the full rule; ``delta=inf`` disables merging.
+    See the module docstring for the full rule and the distance; ``delta=inf`` disables merging.
     """
     try:
         delta = float(delta)
@@ -186,10 +204,10 @@ def select(
         raise ValueError(f"delta must be a number, got {delta!r}") from err
     if math.isnan(delta) or delta < 0:
         raise ValueError(f"delta must be >= 0 (inf disables merging), got {delta}")
-    best = nearest(user, coords, size=size)
+    best = nearest(user, coords, size=size, gram=gram)
     if best.kind == "base" or best.distance <= delta:
         return best
-    mix = merge_weights(user, coords, max_parents, size=size)
+    mix = merge_weights(user, coords, max_parents, size=size, gram=gram)
     return mix if mix.distance < best.distance else best
 
 
@@ -260,10 +278,14 @@ def _solve_passive(a: np.ndarray, b: np.ndarray, passive: np.ndarray) -> np.ndar
 
 
 # --- input checks -----------------------------------------------------------------------------------
+Norm = Callable[[np.ndarray], np.ndarray]
+
+
 def _prepare(
-    user: np.ndarray, coords: Mapping[str, np.ndarray], size: int | None
-) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Validated user vector and candidate matrix (n × k), all zero-padded to the basis size k."""
+    user: np.ndarray, coords: Mapping[str, np.ndarray], size: int | None, gram: np.ndarray | None = None
+) -> tuple[np.ndarray, list[str], np.ndarray, Norm]:
+    """Validated user vector and candidate matrix (n × k), all zero-padded to the basis size k, and the
+    norm distances are taken in: L1, or (given ``gram``) L2 after mapping coordinates to the drift space."""
     if not isinstance(coords, Mapping):
         raise TypeError(f"coords must map pLLM ids to coordinates, got {type(coords).__name__}")
     ids = list(coords)
@@ -286,7 +308,22 @@ def _prepare(
     c = np.zeros((len(vecs), k))
     for row, v in zip(c, vecs, strict=True):
         row[: v.size] = v
-    return np.pad(u, (0, k - u.size)), ids, c
+    u = np.pad(u, (0, k - u.size))
+    if gram is None:
+        return u, ids, c, lambda x: np.abs(x).sum(axis=-1)
+    f = _gram_factor(gram, k)
+    return u @ f, ids, c @ f, lambda x: np.linalg.norm(x, axis=-1)
+
+
+def _gram_factor(gram: np.ndarray, k: int) -> np.ndarray:
+    """``F`` with ``x G xᵀ = ||x F||²``: coordinates times ``F`` are drifts in an orthonormal frame."""
+    g = np.asarray(gram, dtype=np.float64)
+    if g.shape != (k, k):
+        raise ValueError(f"Gram matrix has shape {g.shape}, the basis has {k} words: pass basis.gram")
+    if not np.isfinite(g).all() or not np.allclose(g, g.T, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(g).max())):
+        raise ValueError("Gram matrix must be finite and symmetric (basis.gram)")
+    w, q = np.linalg.eigh(g)
+    return q * np.sqrt(np.clip(w, 0.0, None))
 
 
 def _vector(x: object, what: str) -> np.ndarray:

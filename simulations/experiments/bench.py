@@ -129,10 +129,10 @@ class Workbench:
     # --- generations --------------------------------------------------------------------------
     @cached_property
     def probe_prompts(self) -> list[str]:
-        """The server's probe set (never in any pLLM's training data, nor a user's prompt); for plain text,
-        prefixes of the test role's neutral passages."""
+        """The test role's prompts (never in any pLLM's training data, nor a user's), topped up from the
+        built-in probe set, as the server picks them; for plain text, prefixes of the test role's passages."""
         if self.chat:
-            return probe_prompts(self.cfg.probe_prompts, seed=self.seed)
+            return probe_prompts(self.cfg.probe_prompts, self.roles["test"], seed=self.seed)
         test = self.roles["test"].neutral
         return [" ".join(s.response.split()[:8]) for s in test][: self.cfg.probe_prompts]
 
