@@ -446,3 +446,15 @@ def test_constructor_validation():
         build_basis([], lambda j: [], lambda w: None)
     assert isinstance(BasisError("x"), ValueError)
     assert Decomposition(np.zeros(0), 1.0, [], 0, True).exhausted
+
+
+def test_selection_metric_of_a_basis():
+    """``metric`` hands select() the Gram matrix for the drift distance, nothing for Eq. 1's L1."""
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=(3, 8)).astype(np.float32)
+    v[1] -= v[1] @ v[0] / (v[0] @ v[0]) * v[0]
+    b = Basis(dim=8, words=["a", "b", "c"], vectors=v)
+    assert b.metric("l1") is None
+    np.testing.assert_allclose(b.metric("drift"), v.astype(np.float64) @ v.T.astype(np.float64), rtol=1e-12)
+    with pytest.raises(ValueError, match="distance must be one of"):
+        b.metric("cosine")

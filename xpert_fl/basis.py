@@ -42,6 +42,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from xpert_fl.select import check_distance
+
 FORMAT_VERSION = 1
 META_KEY = "xpert_basis"
 TENSOR_KEY = "vectors"
@@ -128,6 +130,10 @@ class Basis:
         drifts they reconstruct (``select.nearest(..., gram=basis.gram)``)."""
         v = self._v64()
         return v @ v.T
+
+    def metric(self, distance: str) -> np.ndarray | None:
+        """What ``select`` takes as ``gram`` for a selection distance: the Gram matrix, or None (L1)."""
+        return self.gram if check_distance(distance) == "drift" else None
 
     # --- Eq. 2 / Eq. 3 ---------------------------------------------------------------------
     def coordinates(self, e: np.ndarray) -> np.ndarray:

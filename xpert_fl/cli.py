@@ -11,6 +11,7 @@ from pathlib import Path
 from xpert_fl.cache import CacheError
 from xpert_fl.data.corpus import BUILTIN, NEUTRAL, CorpusError, corpus_stats, load_corpus
 from xpert_fl.models import DEFAULT_SPEC, LoadOptions, ModelLoadError, convert_embedded, load_model
+from xpert_fl.select import DISTANCES
 
 
 def _options(args: argparse.Namespace) -> LoadOptions:
@@ -143,7 +144,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     if not coords:
         raise ValueError(f"no explained pLLM in {cache.root}: run `xpert explain --cache {cache.root}` first")
     mine = user_coordinates(base, summarizer, basis, read_samples(args.data), probe)
-    choice = select(mine.coords, coords, args.delta, size=basis.size)
+    choice = select(mine.coords, coords, args.delta, size=basis.size, gram=basis.metric(args.distance))
     print(f"your data:  {mine.text}")
     by_id = {e.id: e for e in cache.entries()}
     for i, w in zip(choice.ids, choice.weights, strict=True):
@@ -151,7 +152,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     if choice.kind == "base":
         print("choice:     base model (empty cache)")
     for i, d in sorted(choice.distances.items(), key=lambda kv: kv[1]):
-        print(f"  L1 {d:8.3f}  {i}  {by_id[i].label or '-'}")
+        print(f"  {args.distance} {d:8.3f}  {i}  {by_id[i].label or '-'}")
     return 0
 
 
@@ -264,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", required=True, help="where the explained coordinates come from")
     p.add_argument("--basis", default=None, help="basis file (default: the cache's)")
     p.add_argument("--data", required=True, help="your data: a JSONL file of {prompt, response} lines")
-    p.add_argument("--delta", type=float, default=float("inf"), help="merge when the best L1 exceeds this")
+    p.add_argument("--delta", type=float, default=float("inf"), help="merge when the best distance exceeds this")
+    p.add_argument("--distance", choices=DISTANCES, default="drift",
+                   help="drift: Euclidean between the explained drifts (default); l1: the paper's Eq. 1")
     method_args(p)
     p.set_defaults(func=cmd_select)
 

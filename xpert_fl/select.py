@@ -42,6 +42,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 KINDS = ("single", "merge", "base")
+# "drift": Euclidean between the drifts coordinates reconstruct (pass gram=basis.gram); "l1": Eq. 1
+DISTANCES = ("drift", "l1")
+
+
+def check_distance(distance: str) -> str:
+    """``distance`` if it names a selection distance, else a ValueError naming the choices."""
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    return distance
 
 
 @dataclass(frozen=True)
