@@ -6,6 +6,7 @@ drift between base and pLLM answers is what the summarizer explains.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from importlib import resources
@@ -39,10 +40,10 @@ def probe_prompts(n: int = 50, corpus: StyleCorpus | None = None, seed: int = 0)
 
 
 def builtin_probe_set() -> list[str]:
-    """The built-in probe prompts (``xpert_fl/data/builtin/probes.txt``), in file order: 64 everyday
+    """The built-in probe prompts (``xpert_fl/data/builtin/probes.json``), in file order: 64 everyday
     instructions disjoint from every built-in corpus prompt (no pLLM trained on them, no user wrote them)."""
-    text = (resources.files("xpert_fl.data") / "builtin" / "probes.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    text = (resources.files("xpert_fl.data") / "builtin" / "probes.json").read_text(encoding="utf-8")
+    return list(json.loads(text)["prompts"])
 
 
 @torch.no_grad()
