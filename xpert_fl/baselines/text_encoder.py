@@ -130,6 +130,7 @@ class TextEncoderSelector:
     """
 
     name = "text-encoder"
+    receives = EMBEDDINGS
 
     def __init__(
         self, encoder: TextEncoder | None = None, prompts: Sequence[str] | None = None, probe: ProbeConfig | None = None
@@ -164,7 +165,7 @@ class TextEncoderSelector:
             if entry_id not in self.vectors:
                 self._probe(task, entry_id)
         matrix = np.stack([self.vectors[i] for i in ids])
-        meter.receive(EMBEDDINGS, payload_bytes(text_embeddings_offer(ids, matrix)))
+        meter.receive(EMBEDDINGS, payload_bytes(text_embeddings_offer(ids, matrix, self.encoder.fingerprint)))
         with meter.device():
             cosines = matrix @ self.encoder.mean([s.response for s in task.samples])
         scores = dict(zip(ids, cosines.astype(float).tolist(), strict=True))
