@@ -39,7 +39,6 @@ from transformers import AutoModel, AutoTokenizer
 
 from strategies.protocol import payload_bytes, text_embeddings_offer
 from xpert_fl.baselines.core import EMBEDDINGS, DeviceMeter, Selection, SelectionTask, single
-from xpert_fl.data import load_corpus, split_roles
 from xpert_fl.explain import ProbeConfig, adapter_answers
 from xpert_fl.probe import probe_prompts
 
@@ -125,8 +124,8 @@ class TextEncoderSelector:
     """Pick the pLLM whose probe answers embed closest (cosine) to the user's texts.
 
     ``vectors``: the server's per-pLLM embeddings by id, filled once per pLLM, from its answers to
-    ``prompts`` (default: the first 8 probe prompts of the built-in corpus's test role, as the Flower
-    server uses) or from texts given to :meth:`add_texts`.
+    ``prompts`` (default: 8 prompts of the built-in probe set, as the Flower server's default run
+    config probes with: ``PLLMServer.text_embeddings``) or from texts given to :meth:`add_texts`.
     """
 
     name = "text-encoder"
@@ -151,8 +150,7 @@ class TextEncoderSelector:
 
     def _probe(self, task: SelectionTask, entry_id: str) -> None:
         if self.prompts is None:
-            test = split_roles(load_corpus("builtin"), seed=0)["test"]
-            self.prompts = probe_prompts(DEFAULT_PROBE_PROMPTS, test, seed=0)
+            self.prompts = probe_prompts(DEFAULT_PROBE_PROMPTS, seed=0)
         answers = adapter_answers(task.base, task.cache.load_adapter(entry_id), self.prompts, self.probe)
         self.add_texts(entry_id, [a if a.strip() else "(no answer)" for a in answers])
 
