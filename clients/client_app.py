@@ -2,8 +2,9 @@
 
 Handlers only translate messages (``strategies.protocol``) to the framework-free device steps in
 ``clients.device``. What leaves the device: its opaque user id (and, for evaluation, its style
-label), its choice (ids, merge weights, one distance), and after fine-tuning its new adapter with
-cost metrics. Its samples, its drift embedding and its coordinates never do.
+label), its choice (ids, merge weights, one distance) with what choosing cost it (bytes, evaluations,
+tokens, seconds), and after fine-tuning its new adapter with cost metrics. Its samples, its drift
+embedding, its coordinates and any per-candidate score (a baseline's losses or cosines) never do.
 
 Which user a device is comes from ``node_config["partition-id"]`` (set per virtual node by the
 simulation, or ``--node-config "partition-id=3"`` on a real SuperNode); what data that user has
@@ -66,23 +67,24 @@ def register(msg: Message, context: Context) -> Message:
 
 @app.query("select")
 def select(msg: Message, context: Context) -> Message:
-    """Coordinates of the user's own data on the received basis -> nearest pLLM or merge (Eq. 1)."""
+    """Run the requested selection method (XPerT: coordinates of the user's own data on the received
+    basis -> nearest pLLM or merge, Eq. 1; or a baseline on its offer) -> the choice and its cost."""
     t0 = time.perf_counter()
-    req = protocol.parse_select_request(msg.content)
+    req = protocol.parse_select(msg.content)
     data = _data(context)
     if not req.ids:  # an empty cache: start from the base model, no model needed to decide that
         from xpert_fl.select import Choice
 
-        choice = Choice("base")
+        choice, cost = Choice("base"), protocol.SelectionCost(req.method)
     else:
-        from clients.device import choose
-        from xpert_fl.explain import ProbeConfig
+        from clients.device import choose, set_threads
 
-        choice, _ = choose(_models(context), data, req.basis, req.coords_by_id(), req.delta, req.max_parents,
-                           ProbeConfig(**req.probe))
-    LOG.info("%s: %s %s among %s pLLM(s) in %.1fs", data.user, choice.kind, list(choice.ids), len(req.ids),
-             time.perf_counter() - t0)
-    return Message(protocol.choice_reply(choice), reply_to=msg)
+        set_threads(_threads(context))  # also for methods that load no model (text-encoder)
+        selection = choose(data, req, lambda: _models(context))
+        choice, cost = selection.choice, selection.cost()
+    LOG.info("%s: %s %s %s among %s pLLM(s) in %.1fs (%s bytes, %s evaluations)", data.user, req.method,
+             choice.kind, list(choice.ids), len(req.ids), time.perf_counter() - t0, cost.bytes_down, cost.evaluations)
+    return Message(protocol.choice_reply(choice, cost), reply_to=msg)
 
 
 @app.train()

@@ -6,22 +6,32 @@ everything here runs (and is tested) without Flower. Users and their data: ``cli
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 
-import numpy as np
 import torch
 
 from clients.users import UserData
+from strategies.protocol import OfferRequest, ProtocolError, SelectRequest
 from xpert_fl.adapters import Adapter, base_linear_shapes, validate_adapter
-from xpert_fl.basis import Basis
+from xpert_fl.baselines import (
+    OfferedPLLM,
+    ReceivedOffer,
+    Selection,
+    SelectionTask,
+    Selector,
+    XPerTSelector,
+    make_selector,
+    needs_base,
+)
+from xpert_fl.baselines.core import ADAPTERS, EMBEDDINGS, LABELS
 from xpert_fl.device import DeviceTrainer
-from xpert_fl.explain import Explanation, ProbeConfig, user_coordinates
+from xpert_fl.explain import ProbeConfig
 from xpert_fl.finetune import FinetuneConfig, FinetuneResult, finetune, target_from_scratch, with_target
 from xpert_fl.merge import merge_adapters
 from xpert_fl.models import LoadedModel, load_model
-from xpert_fl.select import Choice, select
+from xpert_fl.select import Choice
 from xpert_fl.summarizer import Summarizer
 
 
@@ -49,23 +59,53 @@ def device_models(spec: str, summarizer_spec: str) -> DeviceModels:
 
 
 # --- the two device steps -------------------------------------------------------------------------
-def choose(
-    models: DeviceModels,
-    data: UserData,
-    basis: Basis,
-    coords: Mapping[str, np.ndarray],
-    delta: float,
-    max_parents: int,
-    probe: ProbeConfig,
-) -> tuple[Choice, Explanation | None]:
-    """The user's coordinates on the received basis (computed here, kept here) -> the choice (Eq. 1).
+def choose(data: UserData, req: SelectRequest | OfferRequest, models: Callable[[], DeviceModels]) -> Selection:
+    """Run the requested selection method on what the device received: the same ``xpert_fl.baselines``
+    selector the offline experiments run, over a :class:`ReceivedOffer` instead of the server's cache.
 
-    With nothing cached there is nothing to compare: start from the base model, no coordinates needed.
+    XPerT: the user's coordinates on the received basis (computed here, kept here) -> Eq. 1 (or a
+    merge). ``models`` is called only for methods that run the base model or the summarizer.
     """
-    if not coords:
-        return Choice("base"), None
-    mine = user_coordinates(models.base, models.summarizer, basis, data.train, probe)
-    return select(mine.coords, coords, delta, max_parents, size=basis.size), mine
+    if isinstance(req, SelectRequest):
+        selector = XPerTSelector(models().summarizer, req.basis, ProbeConfig(**req.probe), req.delta, req.max_parents)
+        offer = ReceivedOffer(tuple(OfferedPLLM(i, coords=c.tolist()) for i, c in req.coords_by_id().items()))
+        return selector.select(SelectionTask(models().base, offer, data.train))
+    selector = _baseline(req)
+    base = models().base if needs_base(selector) else None
+    config = FinetuneConfig(max_seq_len=req.max_seq_len, eval_batch_size=req.eval_batch_size)
+    offer = _offered(req, selector.receives, base)
+    task = SelectionTask(base, offer, data.train, label=req.user_label, seed=req.seed, config=config)
+    return selector.select(task)
+
+
+def _baseline(req: OfferRequest) -> Selector:
+    """The offer's method, with its trial budget; the text encoder gets the server's embeddings, which
+    must come from the same encoder as the device's (else cosines compare unrelated spaces)."""
+    try:
+        selector = make_selector(req.method, **({} if req.trials is None else {"trials": req.trials}))
+    except TypeError as err:
+        raise ProtocolError(f"selection {req.method!r} takes no trial budget ({err})") from err
+    if selector.receives == EMBEDDINGS and req.ids:
+        if req.embeddings is None or req.encoder != selector.encoder.fingerprint:
+            mine = selector.encoder.fingerprint
+            raise ProtocolError(f"text-encoder offer: embeddings by encoder {req.encoder}, this device's is {mine}")
+        selector.vectors.update(zip(req.ids, req.embeddings, strict=True))
+    return selector
+
+
+def _offered(req: OfferRequest, receives: str, base: LoadedModel | None) -> ReceivedOffer:
+    """The offer as a read-only pLLM source, holding what its method ``receives``; adapters must fit the
+    base model."""
+    needed = {ADAPTERS: req.adapters, LABELS: req.labels}.get(receives)
+    if needed is not None and len(needed) != len(req.ids):
+        raise ProtocolError(f"the offer for {req.method!r} lacks its {receives}")
+    if base is not None:
+        shapes = base_linear_shapes(base.model)
+        for a in req.adapters:
+            validate_adapter(a, base.fingerprint, shapes)
+    labels = req.labels or (None,) * len(req.ids)
+    entries = tuple(OfferedPLLM(i, label) for i, label in zip(req.ids, labels, strict=True))
+    return ReceivedOffer(entries, dict(zip(req.ids, req.adapters, strict=False)))
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
     config.json          the run config as the server saw it, plus resolved paths
     rounds.jsonl         one line per user-round (strategies.xpert.UserRound.to_json)
-    summary.csv          one row per round (round 0: the starting cache)
+    summary.csv          one row per round (round 0: the starting cache); the selection method and
+                         the devices' own mean selection cost (seconds, evaluations, bytes)
     cache.json           every cached pLLM: id, label, parents, explanation, metrics
     basis.json           the basis words (the vectors are in <cache>/basis.safetensors)
     cache_basis.png      cache size and basis size per round
@@ -34,7 +35,8 @@ from strategies.xpert import RoundResult  # noqa: E402
 
 PLOTS = ("cache_basis.png", "selection_accuracy.png", "finetune_cost.png", "bytes.png")
 SUMMARY_FIELDS = (
-    "round", "users", "ok", "failed", "cache_size", "basis_size", "accuracy", "judged", "merges", "base_starts",
+    "round", "method", "users", "ok", "failed", "cache_size", "basis_size", "accuracy", "judged", "merges",
+    "base_starts", "selection_seconds", "selection_evaluations", "selection_bytes_down",
     "steps", "seconds", "samples", "energy_joules", "steps_to_target", "seconds_to_target",
     "scratch_steps_to_target", "scratch_seconds_to_target", "bytes_received", "bytes_sent",
     *(f"bytes_{k}" for k in protocol.KINDS), "round_seconds", "select_seconds", "train_seconds", "ingest_seconds",
@@ -59,8 +61,10 @@ def round_summary(result: RoundResult) -> dict:
     users = result.users
     done = [u for u in users if u.status in ("ok", "duplicate")]
     judged = [u for u in users if u.correct is not None]
+    costs = [u.selection for u in users if u.selection]  # as each device's method counted it
     row = {
         "round": result.round,
+        "method": ",".join(sorted({u.method for u in users})) or None,
         "users": len(users),
         "ok": len(done),
         "failed": len(users) - len(done),
@@ -70,6 +74,9 @@ def round_summary(result: RoundResult) -> dict:
         "judged": len(judged),
         "merges": sum(u.choice == "merge" for u in users),
         "base_starts": sum(u.choice == "base" for u in users),
+        "selection_seconds": _mean([c["seconds"] for c in costs]),
+        "selection_evaluations": _mean([c["evaluations"] for c in costs]),
+        "selection_bytes_down": _mean([c["bytes_down"] for c in costs]),
         "steps": _mean([u.finetune.get("steps") for u in done]),
         "seconds": _mean([u.finetune.get("seconds") for u in done]),
         "samples": _mean([u.finetune.get("samples_consumed") for u in done]),
@@ -244,12 +251,13 @@ def round_lines(out: str | Path) -> str:
             acc_text = "n/a" if acc is None else f"{round(acc * judged)}/{judged}"
             warm, cold = num(r, "steps_to_target"), num(r, "scratch_steps_to_target")
             cost = "-" if warm is None or cold is None else f"{warm:.1f} vs {cold:.1f} from scratch"
-            select_kb = (int(r["bytes_basis+coords"]) + int(r["bytes_choice"])) / 1024
+            select_kinds = (protocol.BASIS_COORDS, protocol.OFFER, protocol.CHOICE)
+            select_kb = sum(int(r[f"bytes_{k}"]) for k in select_kinds) / 1024
             lines.append(
                 f"round {r['round']}: {r['ok']}/{r['users']} users ok, cache {prev['cache_size']}->{r['cache_size']}"
                 f" pLLMs, basis {r['basis_size']} words, accuracy {acc_text}, steps to target {cost}, "
                 f"{int(r['bytes_received']) / 2**20:.1f} MB down / {int(r['bytes_sent']) / 2**20:.1f} MB up "
-                f"(selection {select_kb:.0f} KB)"
+                f"(selection {r['method']}: {select_kb:.0f} KB)"
             )
         prev = r
     return "\n".join(lines)

@@ -1,17 +1,20 @@
 """The server's pLLM side, framework-free: the cache, the common basis, the explainer.
 
 It answers three questions for the strategy: what to offer devices (basis + every explained pLLM's
-coordinates), which adapters a choice needs, and what to do with an upload (validate, cache with its
-parents, probe + explain it — growing the basis when needed — and re-project every pLLM on the
-basis). The cache directory holds everything that persists across rounds and runs: the SQLite index,
-the adapters, ``basis.safetensors`` and ``drifts.safetensors``.
+coordinates; for the baselines their adapters, labels or text embeddings), which adapters a choice
+needs, and what to do with an upload (validate, cache with its parents, probe + explain it — growing
+the basis when needed — and re-project every pLLM on the basis). The cache directory holds
+everything that persists across rounds and runs: the SQLite index, the adapters,
+``basis.safetensors`` and ``drifts.safetensors``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,10 +22,13 @@ from xpert_fl.adapters import Adapter, validate_adapter
 from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
 from xpert_fl.data import load_corpus, split_roles
-from xpert_fl.explain import Explainer, ProbeConfig, explain_cache, offered_coordinates, open_basis
+from xpert_fl.explain import Explainer, ProbeConfig, _nonempty, explain_cache, offered_coordinates, open_basis
 from xpert_fl.models import load_model
 from xpert_fl.probe import probe_prompts
 from xpert_fl.summarizer import Summarizer, SummarizerConfig
+
+if TYPE_CHECKING:  # the sentence encoder loads only for the text-encoder baseline
+    from xpert_fl.baselines import TextEncoderSelector
 
 
 @dataclass(frozen=True)
@@ -38,10 +44,15 @@ class Ingested:
 
 
 class PLLMServer:
-    """Cache + basis + explainer. ``explainer`` needs ``drift(adapter)`` and ``summarizer.subvector``."""
+    """Cache + basis + explainer. ``explainer`` needs ``drift(adapter)`` and ``summarizer.subvector``
+    (and ``pllm_answers(adapter)`` for the text-encoder baseline). ``text_encoder``: that baseline's
+    server side (default: created on first use with the packaged sentence encoder)."""
 
-    def __init__(self, cache: PLLMCache, basis: Basis, explainer: Explainer):
+    def __init__(
+        self, cache: PLLMCache, basis: Basis, explainer: Explainer, text_encoder: TextEncoderSelector | None = None
+    ):
         self.cache, self.basis, self.explainer = cache, basis, explainer
+        self.text_encoder = text_encoder
 
     @classmethod
     def open(
@@ -90,6 +101,20 @@ class PLLMServer:
 
     def label(self, id: str) -> str | None:
         return self.cache.get(id).label
+
+    def text_embeddings(self, ids: Sequence[str]) -> tuple[np.ndarray, str]:
+        """The text-encoder baseline's offer: each pLLM's answers to the explainer's probe prompts,
+        embedded and averaged (once per pLLM, as ``TextEncoderSelector`` does offline), as n x d (n >= 1),
+        and the encoder's fingerprint. Server work: no device pays for it."""
+        if self.text_encoder is None:
+            from xpert_fl.baselines import TextEncoderSelector
+
+            self.text_encoder = TextEncoderSelector()
+        known = self.text_encoder.vectors
+        for i in ids:
+            if i not in known:
+                self.text_encoder.add_texts(i, _nonempty(self.explainer.pllm_answers(self.adapter(i))))
+        return np.stack([known[i] for i in ids]), self.text_encoder.encoder.fingerprint
 
     # --- uploads ---------------------------------------------------------------------------------
     def ingest(self, adapter: Adapter, parents: list[str], metrics: dict, label: str | None) -> Ingested:

@@ -4,9 +4,13 @@ One round, per device (message type -> records in its ``RecordDict``)::
 
     server -> device  query.register   (once per run) config "register"
     device -> server                   config "user": opaque user id (+ evaluation label)
-    server -> device  query.select     arrays "basis" (k x d sub-vectors), arrays "coords" (n x k),
+    server -> device  query.select     XPerT: arrays "basis" (k x d sub-vectors), arrays "coords" (n x k),
                                        config "select": pLLM ids, words, summarizer, delta, probe settings
-    device -> server                   config "choice": Choice.to_json() without per-candidate distances
+                                       a baseline (run-config ``selection``): config "offer": method, ids,
+                                       seed, budget; + "offer-<i>" adapters (exhaustive, bo, hyperband),
+                                       or arrays "embeddings" (text-encoder), or labels (oracle)
+    device -> server                   config "choice": Choice.to_json() without per-candidate distances,
+                                       config "cost": what choosing cost the device (SelectionCost)
     server -> device  train            arrays "adapter-<i>" + config "adapter-<i>" for each chosen pLLM,
                                        config "train": choice, fine-tuning budget, seed
     device -> server                   arrays "adapter" + config "adapter" (the new pLLM),
@@ -16,14 +20,21 @@ Nothing here depends on a model: records <-> plain objects (Basis, Choice, Adapt
 count of a message as it crosses the network (:func:`message_bytes`). Flower moves a message as a
 tree of content-addressed objects (the message, its RecordDict, each record, each array, each array
 chunk), each sent as its deflated bytes, once per distinct object; the count is the sum of those.
+
+Two figures of a selection's bytes, both kept: the server counts the ``query.select`` message as it
+crossed the network (kind ``basis+coords`` for XPerT, ``offer`` for a baseline: every offered adapter,
+as the paper's Table 7 charges BO and HyperBand the download of every pLLM); the device reports the
+method's own cost in its reply (:class:`SelectionCost`: only the adapters it evaluated, so ``bo`` with
+a trial budget pays less). The ``train`` message then carries the chosen adapter again even where the
+device evaluated it during selection (``adapter-down``): what this contract sends, counted as sent.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -42,10 +53,10 @@ TRAIN = "train"
 
 # --- byte-accounting kinds ---------------------------------------------------------------------
 REGISTER_DOWN, REGISTER_UP = "register-down", "register-up"
-BASIS_COORDS, CHOICE = "basis+coords", "choice"
+BASIS_COORDS, OFFER, CHOICE = "basis+coords", "offer", "choice"  # query.select: XPerT's, a baseline's
 ADAPTER_DOWN, ADAPTER_UP = "adapter-down", "adapter-up"
-KINDS = (REGISTER_DOWN, REGISTER_UP, BASIS_COORDS, CHOICE, ADAPTER_DOWN, ADAPTER_UP)
-DOWN_KINDS = (REGISTER_DOWN, BASIS_COORDS, ADAPTER_DOWN)  # received by the device
+KINDS = (REGISTER_DOWN, REGISTER_UP, BASIS_COORDS, OFFER, CHOICE, ADAPTER_DOWN, ADAPTER_UP)
+DOWN_KINDS = (REGISTER_DOWN, BASIS_COORDS, OFFER, ADAPTER_DOWN)  # received by the device
 UP_KINDS = (REGISTER_UP, CHOICE, ADAPTER_UP)  # sent by the device
 
 
@@ -67,6 +78,17 @@ def payload_bytes(content: RecordDict) -> int:
     object itself (metadata, a few hundred bytes): what a payload costs whichever message carries it.
     The selection baselines (``xpert_fl.baselines``) count every method's downloads with it."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+def adapter_bytes(adapter: Adapter) -> int:
+    """Bytes one adapter adds to a message that carries it: its records' objects (tensors, PEFT config),
+    whatever name the message files them under. What a device pays per pLLM it downloads. (Objects two
+    adapters of one message share, e.g. an equal config, cross the wire once: such a message is a few
+    bytes smaller than the sum.)"""
+    objects: dict = {}
+    for record in adapter_records(adapter, "adapter").values():
+        objects.update(get_all_nested_objects(record))
+    return sum(len(obj.deflate()) for obj in objects.values())
 
 
 def _config(content: RecordDict, name: str) -> ConfigRecord:
@@ -121,6 +143,7 @@ def parse_register(content: RecordDict) -> tuple[str, str | None]:
 class SelectRequest:
     """What a device needs to choose: the basis, every cached pLLM's coordinates, the rules."""
 
+    method: ClassVar[str] = "xpert"
     basis: Basis
     ids: tuple[str, ...]
     coords: np.ndarray  # (n, k) float32, row i = coordinates of ids[i]
@@ -188,11 +211,147 @@ def parse_select_request(content: RecordDict) -> SelectRequest:
         raise ProtocolError(f"malformed select request: {err!r}") from err
 
 
-def choice_reply(choice: Choice) -> RecordDict:
-    """The device's answer: kind, ids, weights and the chosen distance. The per-candidate distances
-    are dropped: they are a function of the user's coordinate, which never leaves the device."""
+# --- select: the baselines (xpert_fl.baselines) ------------------------------------------------
+@dataclass(frozen=True)
+class OfferRequest:
+    """A baseline method's ``query.select``: which method the device runs, on which pLLMs, with what.
+
+    Every method gets the offered ``ids`` (cache order), this user-round's ``seed``, the ``trials``
+    budget (bo, hyperband; None: the method's default) and the loss-evaluation sizes. Besides, exactly
+    what the method reads: ``adapters`` (one per id: exhaustive, bo, hyperband), ``embeddings`` (n x d,
+    one per id, with the ``encoder`` fingerprint that made them: text-encoder), ``labels`` (one per
+    id) and the ``user_label`` the device reported at registration (oracle). Inconsistent parts raise
+    ProtocolError, on the server building it and on the device parsing it.
+    """
+
+    method: str
+    ids: tuple[str, ...]
+    seed: int = 0
+    trials: int | None = None
+    max_seq_len: int = 128
+    eval_batch_size: int = 4
+    adapters: tuple[Adapter, ...] = ()
+    embeddings: np.ndarray | None = None
+    encoder: str | None = None
+    labels: tuple[str | None, ...] = ()
+    user_label: str | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if not self.method or self.method == "xpert":
+            raise ProtocolError(f"an offer names a baseline method, got {self.method!r} (XPerT: select_request)")
+        if len(set(self.ids)) != n or not all(isinstance(i, str) and i for i in self.ids):
+            raise ProtocolError(f"offered ids must be distinct non-empty strings, got {self.ids!r}")
+        if (self.trials is not None and self.trials < 1) or self.max_seq_len < 8 or self.eval_batch_size < 1:
+            raise ProtocolError("offer needs trials >= 1 (or none), max_seq_len >= 8, eval_batch_size >= 1")
+        if any(x is not None and not isinstance(x, str) for x in (*self.labels, self.user_label, self.encoder)):
+            raise ProtocolError("offer labels, user_label and encoder must be strings or null")
+        if self.adapters and len(self.adapters) != n:
+            raise ProtocolError(f"{n} offered ids but {len(self.adapters)} adapters")
+        for i, a in zip(self.ids, self.adapters, strict=False):
+            if a.content_hash != i:
+                raise ProtocolError(f"offered adapter has content hash {a.content_hash}, not its id {i}")
+        if self.embeddings is not None and (self.embeddings.ndim != 2 or len(self.embeddings) != n):
+            raise ProtocolError(f"embeddings must be {n} x d, got shape {self.embeddings.shape}")
+        if self.embeddings is not None and not self.encoder:
+            raise ProtocolError("embeddings need the fingerprint of the encoder that made them")
+        if self.labels and len(self.labels) != n:
+            raise ProtocolError(f"{n} offered ids but {len(self.labels)} labels")
+
+
+def offer_request(req: OfferRequest) -> RecordDict:
+    meta = {
+        "method": req.method, "ids": list(req.ids), "seed": req.seed, "trials": req.trials,
+        "max_seq_len": req.max_seq_len, "eval_batch_size": req.eval_batch_size, "adapters": len(req.adapters),
+        "encoder": req.encoder, "labels": list(req.labels), "user_label": req.user_label,
+    }
+    records: dict = {"offer": ConfigRecord({"meta": json.dumps(meta)})}
+    for i, adapter in enumerate(req.adapters):
+        records.update(adapter_records(adapter, f"offer-{i}"))
+    if req.embeddings is not None:
+        records["embeddings"] = ArrayRecord({"vectors": Array(np.ascontiguousarray(req.embeddings, np.float32))})
+    return RecordDict(records)
+
+
+def parse_offer_request(content: RecordDict) -> OfferRequest:
+    meta = _json(_config(content, "offer"), "meta")
+    if not isinstance(meta, dict):
+        raise ProtocolError("offer meta must be a JSON object")
+    try:
+        if not isinstance(meta["ids"], list) or not isinstance(meta["labels"], list):
+            raise ProtocolError("offer 'ids' and 'labels' must be lists")
+        ids = tuple(meta["ids"])
+        n_adapters = int(meta["adapters"])
+        if n_adapters not in (0, len(ids)):
+            raise ProtocolError(f"offer of {len(ids)} pLLMs announces {n_adapters} adapters")
+        adapters = tuple(parse_adapter(content, f"offer-{i}") for i in range(n_adapters))
+        embeddings = _arrays(content, "embeddings")["vectors"].numpy() if "embeddings" in content else None
+        trials = meta["trials"]
+        return OfferRequest(
+            method=str(meta["method"]), ids=ids, seed=int(meta["seed"]),
+            trials=None if trials is None else int(trials), max_seq_len=int(meta["max_seq_len"]),
+            eval_batch_size=int(meta["eval_batch_size"]), adapters=adapters, embeddings=embeddings,
+            encoder=meta["encoder"], labels=tuple(meta["labels"]), user_label=meta["user_label"],
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, ProtocolError):
+            raise
+        raise ProtocolError(f"malformed offer: {err!r}") from err
+
+
+def parse_select(content: RecordDict) -> SelectRequest | OfferRequest:
+    """Whichever ``query.select`` this is: XPerT's (basis + coordinates) or a baseline's offer."""
+    return parse_offer_request(content) if "offer" in content else parse_select_request(content)
+
+
+def text_embeddings_offer(ids: Sequence[str], vectors: np.ndarray, encoder: str) -> RecordDict:
+    """The text-encoder baseline's offer: one sentence embedding per pLLM (n x d float32), their ids and
+    the encoder's fingerprint (what the device receives, its seed and settings aside)."""
+    return offer_request(OfferRequest("text-encoder", tuple(ids), embeddings=np.asarray(vectors), encoder=encoder))
+
+
+# --- the choice --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SelectionCost:
+    """What choosing cost the device, as its method counts it (``xpert_fl.baselines.core``): bytes by
+    payload kind, loss evaluations, tokens forwarded, device seconds, adapters downloaded. No
+    per-candidate score: those are functions of the user's data and stay on the device."""
+
+    method: str
+    bytes: dict[str, int] = field(default_factory=dict)
+    evaluations: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    downloaded: int = 0
+
+    def __post_init__(self) -> None:
+        counts = (self.evaluations, self.tokens, self.downloaded, *self.bytes.values())
+        if not isinstance(self.method, str) or not self.method:
+            raise ProtocolError("selection cost needs a method name")
+        if not all(isinstance(k, str) for k in self.bytes) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts
+        ):
+            raise ProtocolError(f"selection cost counts must be non-negative integers, got {self}")
+        if not (isinstance(self.seconds, int | float) and 0 <= self.seconds < float("inf")):
+            raise ProtocolError(f"selection seconds must be finite and >= 0, got {self.seconds!r}")
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(self.bytes.values())
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "bytes_down": self.bytes_down}
+
+
+def choice_reply(choice: Choice, cost: SelectionCost | None = None) -> RecordDict:
+    """The device's answer: kind, ids, weights and the chosen distance, and what choosing cost it. The
+    per-candidate distances are dropped: they are a function of the user's coordinate, which never
+    leaves the device."""
     sent = Choice(choice.kind, choice.ids, choice.weights, choice.distance)
-    return RecordDict({"choice": ConfigRecord({"choice": sent.to_json()})})
+    records = {"choice": ConfigRecord({"choice": sent.to_json()})}
+    if cost is not None:
+        records["cost"] = ConfigRecord({"meta": json.dumps(asdict(cost))})
+    return RecordDict(records)
 
 
 def parse_choice(content: RecordDict) -> Choice:
@@ -205,15 +364,17 @@ def parse_choice(content: RecordDict) -> Choice:
         raise ProtocolError(f"invalid choice: {err}") from err
 
 
-def text_embeddings_offer(ids: Sequence[str], vectors: np.ndarray) -> RecordDict:
-    """The text-encoder baseline's offer: one sentence embedding per pLLM (n x d float32) and their ids."""
-    matrix = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), -1)
-    return RecordDict(
-        {
-            "embeddings": ArrayRecord({"vectors": Array(matrix)}),
-            "select": ConfigRecord({"meta": json.dumps({"ids": list(ids)})}),
-        }
-    )
+def parse_selection_cost(content: RecordDict) -> SelectionCost | None:
+    """The cost a choice reply reports; None when the device reports none (e.g. a client predating it)."""
+    if "cost" not in content:
+        return None
+    meta = _json(_config(content, "cost"), "meta")
+    if not isinstance(meta, dict) or not isinstance(meta.get("bytes", {}), dict):
+        raise ProtocolError("selection cost must be a JSON object with a 'bytes' object")
+    try:
+        return SelectionCost(**meta)
+    except TypeError as err:
+        raise ProtocolError(f"malformed selection cost: {err}") from err
 
 
 # --- adapters ---------------------------------------------------------------------------------

@@ -2,8 +2,12 @@
 
 One XPerT round (paper Fig. 3), for the users (nodes) arriving this round:
 
-1. ``configure_select``: each gets the basis and the cached pLLMs' ids + coordinates (``query.select``).
-2. ``aggregate_select``: each replies with its choice only (one id, ids + merge weights, or the base).
+1. ``configure_select``: each gets the basis and the cached pLLMs' ids + coordinates (``query.select``),
+   or, with run-config ``selection`` naming a baseline of ``xpert_fl.baselines``, what that method needs
+   on the device: the same pLLMs' adapters (exhaustive, bo, hyperband), their text embeddings
+   (text-encoder), their labels (oracle) or just their ids (scratch, random).
+2. ``aggregate_select``: each replies with its choice (one id, ids + merge weights, or the base) and
+   what choosing cost it (``protocol.SelectionCost``; recorded in ``UserRound.selection``).
 3. ``configure_train``: each gets exactly the adapter(s) it chose (``train``).
 4. ``aggregate_train``: each upload is validated, probed, explained (the basis grows when needed) and
    cached with the chosen ids as parents.
@@ -26,18 +30,21 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from strategies import protocol
 from strategies.pllm_server import PLLMServer
 from xpert_fl.adapters import AdapterError
+from xpert_fl.baselines import SELECTORS
+from xpert_fl.baselines.core import ADAPTERS, EMBEDDINGS, LABELS
 from xpert_fl.cache import CacheError
 from xpert_fl.select import Choice
 
 LOG = logging.getLogger("flwr.xpert")
+TRIAL_METHODS = ("bo", "hyperband")  # the methods with a budget of evaluated pLLMs (selection-trials)
 
 
 # --- configuration ----------------------------------------------------------------------------------
@@ -67,6 +74,8 @@ class XPerTConfig:
     max_candidates: int = 16  # candidate words examined per pLLM at most (each costs one forward)
     merge_delta: float = math.inf  # L1 distance above which a merge is tried; inf: never merge
     max_parents: int = 3
+    selection: str = "xpert"  # selection method: a name of xpert_fl.baselines.SELECTORS
+    selection_trials: int = 0  # bo / hyperband: pLLMs evaluated at most (0: bo half of them, hyperband all)
     max_steps: int = 12
     lr: float = 3e-3
     rank: int = 8
@@ -93,6 +102,12 @@ class XPerTConfig:
             raise ValueError("num-server-rounds, min-nodes and max-parents must be >= 1, users-per-round >= 0")
         if not cfg.merge_delta >= 0:
             raise ValueError(f"merge-delta must be >= 0 (inf: never merge), got {cfg.merge_delta}")
+        if cfg.selection not in SELECTORS:
+            raise ValueError(f"selection must be one of {sorted(SELECTORS)}, got {cfg.selection!r}")
+        if cfg.selection_trials < 0 or (cfg.selection_trials and cfg.selection not in TRIAL_METHODS):
+            raise ValueError(f"selection-trials (>= 0) applies to {' and '.join(TRIAL_METHODS)} only")
+        if cfg.selection == "oracle" and not bool(run_config.get("report-labels", True)):
+            raise ValueError("selection 'oracle' reads the style labels devices report: set report-labels = true")
         return cfg
 
     def finetune_fields(self) -> dict:
@@ -115,16 +130,17 @@ class UserRound:
     node_id: int
     user: str
     label: str | None  # the user's evaluation label (reported by the device; None if not reported)
+    method: str = "xpert"  # the selection method the device ran (run-config selection)
     status: str = "pending"  # ok | duplicate | select-error | select-timeout | select-invalid | train-...
     error: str | None = None
     offered: int = 0  # pLLMs offered
-    basis_size: int = 0  # words of the basis sent
+    basis_size: int = 0  # words of the basis sent (XPerT only)
     choice: str | None = None  # single | merge | base
     chosen: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     chosen_labels: list[str | None] = field(default_factory=list)
     chosen_label: str | None = None  # label of the heaviest parent ("base" for the base model)
-    distance: float | None = None  # L1 to the chosen coordinate (None: nothing was offered)
+    distance: float | None = None  # L1 to the chosen coordinate (None: nothing offered, or not XPerT)
     style_available: bool | None = None  # an offered pLLM has the user's label (None: label unknown)
     correct: bool | None = None  # chosen_label == label; judged only when style_available
     new_id: str | None = None
@@ -136,6 +152,9 @@ class UserRound:
     finetune: dict = field(default_factory=dict)  # the device's cost metrics
     trainer: str | None = None  # the device's fine-tuning engine ("torch" | "ort"), as it reported
     bytes: dict = field(default_factory=lambda: {k: 0 for k in protocol.KINDS})
+    # what choosing cost the device, as its method counts it (protocol.SelectionCost.to_json; {}: not
+    # reported): bytes by payload kind and bytes_down, evaluations, tokens, seconds, adapters downloaded
+    selection: dict = field(default_factory=dict)
 
     @property
     def bytes_received(self) -> int:
@@ -185,6 +204,12 @@ def _reply_error(reply: Message) -> str:
     return f"device error {reply.error.code}: {reply.error.reason}"
 
 
+def selection_seed(seed: int, server_round: int, user: str) -> int:
+    """One user-round's selection seed: reproducible from the run seed, distinct per user and round (one
+    shared seed would give every user of ``random`` the same pick)."""
+    return random.Random(f"{seed}/{server_round}/{user}").randrange(2**31)
+
+
 # --- the strategy -----------------------------------------------------------------------------------
 class XPerTStrategy:
     """Caching and explaining instead of aggregating. ``on_round`` is called with each RoundResult."""
@@ -204,9 +229,9 @@ class XPerTStrategy:
     def summary(self) -> None:
         c = self.config
         LOG.info(
-            "XPerTStrategy: %s round(s), %s user(s)/round, delta=%s, probe %s prompts x %s tokens, "
+            "XPerTStrategy: %s round(s), %s user(s)/round, selection %s, delta=%s, probe %s prompts x %s tokens, "
             "fine-tuning <= %s steps; cache %s (%s pLLMs, basis %s words)",
-            c.num_server_rounds, c.users_per_round or "all", c.merge_delta, c.num_probe_prompts,
+            c.num_server_rounds, c.users_per_round or "all", c.selection, c.merge_delta, c.num_probe_prompts,
             c.probe_max_new_tokens, c.max_steps, self.server.cache.root, len(self.server.cache),
             self.server.basis.size,
         )
@@ -263,28 +288,70 @@ class XPerTStrategy:
 
     # --- select ----------------------------------------------------------------------------------
     def configure_select(self, server_round: int, node_ids: Iterable[int]) -> list[Message]:
-        """``query.select`` to each sampled node: basis + coordinates + ids of every explained pLLM."""
+        """``query.select`` to each sampled node, offering every explained pLLM: XPerT's basis and
+        coordinates, or what the run's baseline method needs (``_request``). If the offer cannot be
+        built (an unreadable adapter), every sampled user fails with ``select-unavailable``."""
         ids, coords = self.server.offer()
         self._offer = (ids, coords)
         self._labels = {i: self.server.label(i) for i in ids}
-        req = protocol.SelectRequest(
-            self.server.basis, tuple(ids), coords, self.config.merge_delta, self.config.max_parents,
-            self.config.probe_fields(),
-        )
-        content = protocol.select_request(req)
         self._current, self._pending = {}, {}
+        method = self.config.selection
+        try:
+            req = self._request(ids, coords)
+            error = None
+        except (CacheError, AdapterError) as err:
+            req, error = None, str(err)
+        basis_size, kind = (self.server.basis.size, protocol.BASIS_COORDS) if method == "xpert" else (0, protocol.OFFER)
         msgs = []
         for node in node_ids:
             user, label = self.users.get(node, (f"node-{node}", None))
-            rec = UserRound(server_round, node, user, label, offered=len(ids), basis_size=self.server.basis.size)
+            rec = UserRound(server_round, node, user, label, method, offered=len(ids), basis_size=basis_size)
             down, up = self._register_bytes.pop(node, (0, 0))
             rec.bytes[protocol.REGISTER_DOWN], rec.bytes[protocol.REGISTER_UP] = down, up
-            msg = Message(content, dst_node_id=node, message_type=protocol.SELECT, group_id=str(server_round))
-            rec.bytes[protocol.BASIS_COORDS] = protocol.message_bytes(msg)
             self._current[node] = rec
+            if req is None:
+                rec.fail("select-unavailable", error)
+                continue
+            msg = Message(self._content(req, server_round, user, label), dst_node_id=node,
+                          message_type=protocol.SELECT, group_id=str(server_round))
+            rec.bytes[kind] = protocol.message_bytes(msg)
             self._pending[node] = (msg, rec)
             msgs.append(msg)
         return msgs
+
+    def _request(self, ids: list[str], coords) -> protocol.SelectRequest | protocol.OfferRequest:
+        """This round's select request before its per-user parts. A baseline's offer carries what its
+        selector ``receives``: every offered adapter (so the message really is the download of every
+        pLLM, as the paper's Table 7 charges it), the text embeddings, the labels, or bare ids."""
+        c = self.config
+        if c.selection == "xpert":
+            return protocol.SelectRequest(
+                self.server.basis, tuple(ids), coords, c.merge_delta, c.max_parents, c.probe_fields()
+            )
+        receives = SELECTORS[c.selection].receives
+        parts: dict = {}
+        if receives == ADAPTERS:
+            parts["adapters"] = tuple(self.server.adapter(i) for i in ids)
+        elif receives == EMBEDDINGS and ids:
+            parts["embeddings"], parts["encoder"] = self.server.text_embeddings(ids)
+        elif receives == LABELS:
+            parts["labels"] = tuple(self._labels[i] for i in ids)
+        ft = c.finetune_fields()
+        return protocol.OfferRequest(
+            c.selection, tuple(ids), trials=c.selection_trials or None, max_seq_len=ft["max_seq_len"],
+            eval_batch_size=ft["eval_batch_size"], **parts,
+        )
+
+    def _content(
+        self, req: protocol.SelectRequest | protocol.OfferRequest, server_round: int, user: str, label: str | None
+    ) -> RecordDict:
+        """One user's ``query.select`` content: XPerT's is everyone's; an offer gets the user-round's seed
+        and, for the oracle, the label the user reported at registration."""
+        if isinstance(req, protocol.SelectRequest):
+            return protocol.select_request(req)
+        user_label = label if SELECTORS[req.method].receives == LABELS else None
+        seed = selection_seed(self.config.seed, server_round, user)
+        return protocol.offer_request(replace(req, seed=seed, user_label=user_label))
 
     def aggregate_select(self, server_round: int, replies: Iterable[Message]) -> dict[int, Choice]:
         """Valid choices by node. A choice must name only offered ids, at most ``max-parents`` of them."""
@@ -302,6 +369,9 @@ class XPerTStrategy:
                 continue
             try:
                 choice = protocol.parse_choice(reply.content)
+                cost = protocol.parse_selection_cost(reply.content)
+                if cost is not None and cost.method != rec.method:
+                    raise protocol.ProtocolError(f"the device ran selection {cost.method!r}, not {rec.method!r}")
                 unknown = [i for i in choice.ids if i not in offered]
                 if unknown:
                     raise protocol.ProtocolError(f"chose pLLM(s) that were not offered: {unknown}")
@@ -311,6 +381,7 @@ class XPerTStrategy:
                 rec.fail("select-invalid", str(err))
                 continue
             self._record_choice(rec, choice)
+            rec.selection = cost.to_json() if cost is not None else {}
             choices[node] = choice
         for node, (_, rec) in sent.items():
             if node not in choices and rec.status == "pending":
@@ -325,7 +396,7 @@ class XPerTStrategy:
         else:
             heaviest = max(range(len(choice.ids)), key=lambda j: choice.weights[j])
             rec.chosen_label = rec.chosen_labels[heaviest]
-        rec.distance = choice.distance if rec.offered else None
+        rec.distance = choice.distance if rec.offered and rec.method == "xpert" else None
         if rec.label is not None:
             rec.style_available = rec.label in self._labels.values()
             rec.correct = (rec.chosen_label == rec.label) if rec.style_available else None
@@ -424,8 +495,8 @@ class XPerTStrategy:
             sampled = self.sample(r, nodes)
             LOG.info("[ROUND %s/%s] %s user(s): %s", r, num_rounds, len(sampled),
                      ", ".join(self.users[n][0] for n in sampled))
-            replies = grid.send_and_receive(self.configure_select(r, sampled), timeout=timeout)
-            choices = self.aggregate_select(r, replies)
+            msgs = self.configure_select(r, sampled)
+            choices = self.aggregate_select(r, grid.send_and_receive(msgs, timeout=timeout) if msgs else [])
             clock.lap("select")
             if msgs := self.configure_train(r, choices):
                 replies = grid.send_and_receive(msgs, timeout=timeout)

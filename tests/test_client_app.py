@@ -3,17 +3,16 @@
 One XPerT round without the Flower runtime: the server side (cache + one random pLLM, explained with
 4 probe prompts of 16 tokens) builds the real messages, the handlers answer them, the strategy
 ingests the upload. Then the privacy audit: every byte the device sent is searched for the user's
-texts and for its drift embedding and coordinates.
+texts and for its drift embedding and coordinates. Then every baseline selection method through the
+same select handler, on the pLLMs that round left cached.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from peft import LoraConfig, get_peft_model
 
 from clients import client_app, device
 from clients.device import device_models
@@ -22,10 +21,11 @@ from strategies import protocol
 from strategies.pllm_server import PLLMServer
 from strategies.xpert import XPerTConfig, XPerTStrategy
 from xpert_fl.adapters import Adapter
+from xpert_fl.baselines import SELECTORS, SelectionTask, make_selector
 from xpert_fl.cache import BaseInfo, PLLMCache
 from xpert_fl.data import load_corpus, split_roles
 from xpert_fl.explain import Explainer, ProbeConfig, open_basis, user_drift
-from xpert_fl.finetune import shared_copy
+from xpert_fl.finetune import FinetuneConfig
 from xpert_fl.models import DEFAULT_SPEC
 from xpert_fl.probe import probe_prompts
 from xpert_fl.summarizer import Summarizer, SummarizerConfig
@@ -41,24 +41,13 @@ RUN_CONFIG = {
 PROBE = ProbeConfig(max_new_tokens=16, batch_size=4)
 
 
-def random_pllm(base, seed: int) -> Adapter:
-    """A rank-2 LoRA on q_proj with random A and B (a 'style' the summarizer can see), base untouched."""
-    torch.manual_seed(seed)
-    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
-    model = get_peft_model(shared_copy(base.model), lora)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.mul_(0.5)
-    return Adapter.from_peft(model, base.fingerprint)
-
-
 @pytest.fixture(scope="module")
-def round_trip(base, tmp_path_factory):
+def round_trip(base, random_pllm, tmp_path_factory):
     """Server + device through one round; returns everything the tests look at."""
     root = tmp_path_factory.mktemp("client")
     summarizer = Summarizer(base, SummarizerConfig(n_candidates=8))  # few candidate words: fast
     cache = PLLMCache(root / "cache", BaseInfo.from_loaded(base))
-    cache.add(random_pllm(base, 0), label="sarcastic")
+    cache.add(random_pllm(0), label="sarcastic")
     basis = open_basis(cache.root, summarizer, 0.1, 0.2, True)
     prompts = probe_prompts(4, split_roles(load_corpus("builtin"))["test"])
     server = PLLMServer(cache, basis, Explainer(base, summarizer, prompts, PROBE))
@@ -110,7 +99,10 @@ def test_one_round_through_the_handlers(round_trip):
     ft = rec.finetune
     assert ft["scratch_steps"] >= 1 and "target_loss" in ft and ft["n_train"] == 3 and ft["n_test"] == 1
     assert ft["energy_joules"] > 0 and ft["seconds"] > 0
-    assert all(rec.bytes[k] > 0 for k in protocol.KINDS)
+    assert all(rec.bytes[k] > 0 for k in protocol.KINDS if k != protocol.OFFER)
+    cost = rec.selection  # what XPerT's selection cost the device, as it reported it
+    assert cost["method"] == "xpert" and cost["evaluations"] == 0 and cost["seconds"] > 0
+    assert 0 < cost["bytes"]["basis+coords"] == cost["bytes_down"] < rec.bytes[protocol.BASIS_COORDS]
 
 
 def test_empty_cache_select_needs_no_model(round_trip, monkeypatch):
@@ -168,16 +160,18 @@ def test_audit_no_personal_text_or_embedding_leaves_the_device(base, round_trip)
     choice = protocol.parse_choice(round_trip["sent"]["select"].content)
     assert choice.distances == {} and choice.ids == tuple(round_trip["record"].chosen)
     # 4. What the select and register replies hold, exhaustively.
-    assert set(round_trip["sent"]["select"].content.keys()) == {"choice"}
+    assert set(round_trip["sent"]["select"].content.keys()) == {"choice", "cost"}
+    cost = protocol.parse_selection_cost(round_trip["sent"]["select"].content)
+    assert set(cost.to_json()) == {"method", "bytes", "evaluations", "tokens", "seconds", "downloaded", "bytes_down"}
     assert dict(round_trip["sent"]["register"].content["register"]) == {"user": "user-0", "label": "sarcastic"}
     assert set(round_trip["sent"]["train"].content.keys()) == {"upload.arrays", "upload.config", "finetune", "report"}
 
 
-def test_start_adapter_merges_validates_or_starts_from_base(base):
+def test_start_adapter_merges_validates_or_starts_from_base(base, random_pllm):
     from xpert_fl.adapters import AdapterError
     from xpert_fl.select import Choice
 
-    a, b = random_pllm(base, 1), random_pllm(base, 2)
+    a, b = random_pllm(1), random_pllm(2)
     merged = device.start_adapter(base, Choice("merge", (a.content_hash, b.content_hash), (0.7, 0.3), 0.1), [a, b])
     assert merged.config["r"] == 4 and set(merged.tensors) == set(a.tensors)
     assert device.start_adapter(base, Choice("single", (a.content_hash,), (1.0,), 0.1), [a]) is a
@@ -185,3 +179,60 @@ def test_start_adapter_merges_validates_or_starts_from_base(base):
     foreign = Adapter(a.config, a.tensors, "another-base")
     with pytest.raises(AdapterError):
         device.start_adapter(base, Choice("single", (foreign.content_hash,), (1.0,), 0.1), [foreign])
+
+
+# --- baseline selection methods through the same handler --------------------------------------------
+def _select_with(method: str, round_trip) -> tuple[Message, Message, object]:
+    """One select exchange of a strategy with ``selection=method`` over the round's cache (2 pLLMs)."""
+    strategy = XPerTStrategy(XPerTConfig.from_run_config({**RUN_CONFIG, "selection": method}), round_trip["server"])
+    context = round_trip["context"]
+    (reg,) = strategy.configure_register([7])
+    strategy.aggregate_register([client_app.register(reg, context)])
+    (msg,) = strategy.configure_select(1, strategy.sample(1, [7]))
+    reply = client_app.select(msg, context)
+    strategy.aggregate_select(1, [reply])
+    return msg, reply, strategy._current[7]
+
+
+@pytest.mark.parametrize("method", sorted(set(SELECTORS) - {"xpert"}))
+def test_each_baseline_chooses_on_the_device_and_reports_its_cost(round_trip, method):
+    server = round_trip["server"]
+    msg, reply, rec = _select_with(method, round_trip)
+    offered = protocol.parse_select(msg.content).ids
+    assert len(offered) == len(server.cache) == 2 and rec.offered == 2
+    assert rec.status == "pending", rec.error  # a valid choice, ready for the train phase
+    choice, cost = protocol.parse_choice(reply.content), protocol.parse_selection_cost(reply.content)
+    assert set(reply.content.keys()) == {"choice", "cost"} and cost.method == rec.method == method
+    assert rec.selection == cost.to_json() and rec.bytes[protocol.OFFER] == protocol.message_bytes(msg)
+    assert (choice.kind == "base") == (method == "scratch") and set(choice.ids) <= set(offered)
+    per_adapter = {i: protocol.adapter_bytes(server.adapter(i)) for i in offered}
+    if method in ("exhaustive", "bo", "hyperband"):
+        # the wire carried every offered adapter (objects they share, like an equal config, once); the
+        # method paid for those it evaluated
+        assert abs(rec.bytes[protocol.OFFER] - sum(per_adapter.values())) < 4096
+        expected = {"exhaustive": 2, "bo": 1, "hyperband": 2}[method]  # bo's default budget: half of them
+        assert cost.downloaded == expected and cost.evaluations >= expected and cost.tokens > 0
+        if expected == 2:
+            assert cost.bytes == {"adapters": sum(per_adapter.values())}
+        else:
+            assert set(cost.bytes) == {"adapters"} and cost.bytes["adapters"] in per_adapter.values()
+        if method == "exhaustive":
+            assert cost.evaluations == 2  # 3 samples in one batch of 4, per offered pLLM
+    elif method == "text-encoder":
+        assert set(cost.bytes) == {"embeddings"} and cost.bytes_down > 0 and cost.downloaded == cost.evaluations == 0
+    else:
+        assert cost.bytes_down == cost.evaluations == cost.downloaded == 0 and rec.bytes[protocol.OFFER] < 2048
+    if method == "oracle":
+        assert rec.chosen_label == rec.label == "sarcastic"
+
+
+def test_the_device_runs_the_offline_selector(base, round_trip):
+    """Exhaustive search in the Flower handler = the offline experiments' selector on the server's cache."""
+    _, reply, rec = _select_with("exhaustive", round_trip)
+    data = user_data(0, DataConfig.from_run_config(RUN_CONFIG))
+    config = FinetuneConfig(max_seq_len=RUN_CONFIG["max-seq-len"], eval_batch_size=4)
+    offline = make_selector("exhaustive").select(SelectionTask(base, round_trip["server"].cache, data.train,
+                                                               config=config))
+    cost = protocol.parse_selection_cost(reply.content)
+    assert protocol.parse_choice(reply.content).ids == offline.choice.ids == tuple(rec.chosen)
+    assert (cost.bytes, cost.evaluations, cost.tokens) == (offline.bytes, offline.evaluations, offline.tokens)

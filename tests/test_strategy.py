@@ -2,6 +2,8 @@
 
 No model is loaded: the cache is over a tiny fake base model (one 6x4 linear layer) and the
 explainer maps an adapter to a deterministic random drift, so a full round takes milliseconds.
+The baseline selection methods (run-config ``selection``) are checked the same way, message kind by
+message kind: what the offer carries, what it costs on the wire, what the reply's cost records.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 
 from strategies import protocol
 from strategies.pllm_server import PLLMServer
-from strategies.xpert import XPerTConfig, XPerTStrategy
+from strategies.xpert import XPerTConfig, XPerTStrategy, selection_seed
 from xpert_fl.adapters import Adapter
+from xpert_fl.baselines import SELECTORS, TextEncoderSelector
 from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, PLLMCache
 from xpert_fl.select import Choice
@@ -49,6 +52,11 @@ class FakeExplainer:
     def __init__(self):
         self.summarizer = FakeSummarizer()
         self.fail_next = False
+        self.answered: list[str] = []  # pLLMs whose probe answers were generated (text-encoder baseline)
+
+    def pllm_answers(self, adapter: Adapter) -> list[str]:
+        self.answered.append(adapter.content_hash)
+        return [f"answer of {adapter.content_hash}"]
 
     def drift(self, adapter: Adapter) -> Drift:
         if self.fail_next:
@@ -56,6 +64,16 @@ class FakeExplainer:
             raise RuntimeError("probe crashed")
         rng = _rng(adapter.content_hash)
         return Drift(rng.normal(size=DIM).astype(np.float32), list(rng.permutation(WORDS)))
+
+
+class FakeEncoder:
+    """A sentence encoder stand-in: a unit vector seeded by the texts."""
+
+    fingerprint, dim = "fake-encoder", 8
+
+    def mean(self, texts) -> np.ndarray:
+        v = _rng("|".join(texts)).normal(size=self.dim).astype(np.float32)
+        return v / np.linalg.norm(v)
 
 
 def adapter(seed: int, r: int = 2, fingerprint: str = "fp0") -> Adapter:
@@ -75,7 +93,7 @@ def make_server(tmp_path, n_initial: int = 0) -> PLLMServer:
     for i in range(n_initial):
         cache.add(adapter(1000 + i), label=f"style{i}")
     basis = Basis(dim=DIM, tau_orth=0.9, tau_res=0.2, summarizer="fake-summarizer", orthogonalize=True)
-    server = PLLMServer(cache, basis, FakeExplainer())
+    server = PLLMServer(cache, basis, FakeExplainer(), TextEncoderSelector(encoder=FakeEncoder()))
     server.explain_pending()
     return server
 
@@ -108,7 +126,8 @@ class FakeDevice:
                 return None
             if self.mode == "select-error":
                 return Message(Error(code=2, reason="select crashed"), reply_to=msg)
-            req = protocol.parse_select_request(msg.content)
+            req = protocol.parse_select(msg.content)
+            cost = protocol.SelectionCost(req.method, {"payload": 10 * len(req.ids)}, len(req.ids), 100, 0.5)
             if self.mode == "select-invalid":
                 return Message(protocol.choice_reply(Choice("single", ("not-offered",), (1.0,), 0.1)), reply_to=msg)
             if not req.ids:
@@ -116,7 +135,8 @@ class FakeDevice:
             if self.mode == "merge" and len(req.ids) >= 2:
                 return Message(protocol.choice_reply(Choice("merge", req.ids[:2], (0.6, 0.4), 0.3)), reply_to=msg)
             pick = req.ids[self.seed % len(req.ids)]
-            return Message(protocol.choice_reply(Choice("single", (pick,), (1.0,), 0.5, {pick: 0.5})), reply_to=msg)
+            choice = Choice("single", (pick,), (1.0,), 0.5, {pick: 0.5})
+            return Message(protocol.choice_reply(choice, cost), reply_to=msg)
         assert kind == protocol.TRAIN
         if self.mode == "train-timeout":
             return None
@@ -210,7 +230,7 @@ def test_bytes_are_measured_per_device_and_kind(tmp_path):
     (result,) = strategy.start(grid)
     for u in result.users:
         b = u.bytes
-        assert all(b[k] > 0 for k in protocol.KINDS), b
+        assert all(b[k] > 0 for k in protocol.KINDS if k != protocol.OFFER) and b[protocol.OFFER] == 0, b
         dev = grid.devices[u.node_id]
         mine = [m for m in grid.sent if m.metadata.dst_node_id == dev.node]
         by_type = {m.metadata.message_type: protocol.message_bytes(m) for m in mine}
@@ -360,3 +380,138 @@ def test_cache_and_basis_persist_across_runs(tmp_path):
     (result,) = XPerTStrategy(cfg(num_server_rounds=1), again).start(FakeGrid(devices(2, first_node=500, seed=50)))
     assert all(u.offered == 2 and u.status == "ok" for u in result.users)
     assert len(again.cache) == 4 and {e.parents[0] for e in again.cache.entries()[2:]} <= set(ids)
+
+
+# --- baseline selection methods in the same round loop ---------------------------------------------
+BASELINES = sorted(set(SELECTORS) - {"xpert"})
+
+
+def _selecting(tmp_path, method: str, n_initial: int = 3, **kw) -> tuple[XPerTStrategy, list[Message]]:
+    """A strategy with ``selection=method`` whose two registered users (labels style0, style1) were just
+    sent their ``query.select``."""
+    strategy = XPerTStrategy(cfg(num_server_rounds=1, selection=method, **kw), make_server(tmp_path, n_initial))
+    reg = strategy.configure_register([5, 6])
+    strategy.aggregate_register(
+        [Message(protocol.register_reply(f"user-{i}", f"style{i}"), reply_to=m) for i, m in enumerate(reg)]
+    )
+    return strategy, strategy.configure_select(1, strategy.sample(1, [5, 6]))
+
+
+def test_config_selection_names_a_registered_method():
+    assert XPerTConfig().selection == "xpert" and XPerTConfig.from_run_config({"selection": "bo"}).selection == "bo"
+    with pytest.raises(ValueError, match=r"selection must be one of \['bo', 'exhaustive', .*got 'grid'"):
+        XPerTConfig.from_run_config({"selection": "grid"})
+    with pytest.raises(ValueError, match="selection-trials"):
+        XPerTConfig.from_run_config({"selection": "exhaustive", "selection-trials": 2})
+    with pytest.raises(ValueError, match="report-labels"):
+        XPerTConfig.from_run_config({"selection": "oracle", "report-labels": False})
+
+
+@pytest.mark.parametrize("method", ["exhaustive", "bo", "hyperband"])
+def test_adapter_methods_offer_every_adapter_and_the_wire_counts_them_all(tmp_path, method):
+    strategy, msgs = _selecting(tmp_path, method, selection_trials=2 if method == "bo" else 0)
+    server, (ids, _) = strategy.server, strategy.server.offer()
+    adapters = [server.adapter(i) for i in ids]
+    payload = sum(protocol.adapter_bytes(a) for a in adapters)
+    for msg in msgs:
+        req = protocol.parse_select(wire(msg).content)
+        assert isinstance(req, protocol.OfferRequest) and req.method == method and req.ids == tuple(ids)
+        assert [a.content_hash for a in req.adapters] == ids  # every offered pLLM, whole
+        assert req.trials == (2 if method == "bo" else None) and req.embeddings is None and req.labels == ()
+        assert (req.max_seq_len, req.eval_batch_size) == (128, 4)  # the fine-tuning budget's loss settings
+        rec = strategy._current[msg.metadata.dst_node_id]
+        assert rec.method == method and rec.basis_size == 0 and rec.bytes[protocol.BASIS_COORDS] == 0
+        assert rec.bytes[protocol.OFFER] == protocol.message_bytes(msg)
+        assert abs(rec.bytes[protocol.OFFER] - payload) < 4096  # the adapters, plus ids and settings
+    assert payload > sum(a.num_bytes for a in adapters)
+
+
+def test_text_encoder_offers_server_side_embeddings_computed_once_per_pllm(tmp_path):
+    strategy, msgs = _selecting(tmp_path, "text-encoder")
+    ids, _ = strategy.server.offer()
+    explainer = strategy.server.explainer
+    assert sorted(explainer.answered) == sorted(ids)  # the server probed each pLLM once, for both users
+    for msg in msgs:
+        req = protocol.parse_select(wire(msg).content)
+        assert req.adapters == () and req.encoder == FakeEncoder.fingerprint
+        assert req.embeddings.shape == (len(ids), FakeEncoder.dim)
+        np.testing.assert_allclose(req.embeddings[1], FakeEncoder().mean([f"answer of {ids[1]}"]))
+        assert strategy._current[msg.metadata.dst_node_id].bytes[protocol.OFFER] == protocol.message_bytes(msg)
+    strategy.configure_select(2, [5, 6])
+    assert len(explainer.answered) == len(ids)  # the next round reuses them
+
+
+def test_free_methods_offer_ids_seeds_and_for_the_oracle_labels(tmp_path):
+    ids = None
+    for method in ("scratch", "random", "oracle"):
+        strategy, msgs = _selecting(tmp_path / method, method)
+        ids = ids or strategy.server.offer()[0]
+        reqs = [protocol.parse_select(wire(m).content) for m in msgs]
+        users = [strategy._current[m.metadata.dst_node_id] for m in msgs]
+        for msg, req, rec in zip(msgs, reqs, users, strict=True):
+            assert req.ids == tuple(ids) and req.adapters == () and req.embeddings is None
+            assert req.seed == selection_seed(0, 1, rec.user)  # per user-round, from the run seed
+            assert rec.bytes[protocol.OFFER] == protocol.message_bytes(msg) < 2048  # nothing heavy
+        assert reqs[0].seed != reqs[1].seed
+        if method == "oracle":
+            assert [r.labels for r in reqs] == [("style0", "style1", "style2")] * 2
+            assert [r.user_label for r in reqs] == [u.label for u in users] == ["style0", "style1"]
+        else:
+            assert all(r.labels == () and r.user_label is None for r in reqs)
+
+
+def test_offer_requests_are_validated_both_ways():
+    a = adapter(1)
+    with pytest.raises(protocol.ProtocolError, match="content hash"):
+        protocol.OfferRequest("exhaustive", ("not-its-id",), adapters=(a,))
+    with pytest.raises(protocol.ProtocolError, match="2 offered ids but 1 labels"):
+        protocol.OfferRequest("oracle", ("x", "y"), labels=("s",))
+    with pytest.raises(protocol.ProtocolError, match="encoder"):
+        protocol.OfferRequest("text-encoder", ("x",), embeddings=np.ones((1, 4)))
+    with pytest.raises(protocol.ProtocolError, match="baseline"):
+        protocol.OfferRequest("xpert", ("x",))
+    content = protocol.offer_request(protocol.OfferRequest("exhaustive", (a.content_hash,), adapters=(a,)))
+    del content["offer-0.arrays"]
+    with pytest.raises(protocol.ProtocolError, match="offer-0.arrays"):
+        protocol.parse_select(content)
+    with pytest.raises(protocol.ProtocolError, match="non-negative"):
+        protocol.SelectionCost("bo", {"adapters": -1})
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_choice_replies_record_the_devices_selection_cost(tmp_path, method):
+    strategy, msgs = _selecting(tmp_path, method)
+    ids = protocol.parse_select(msgs[0].content).ids
+    good = protocol.SelectionCost(method, {"adapters": 1234}, evaluations=3, tokens=210, seconds=1.5, downloaded=3)
+    replies = [
+        Message(protocol.choice_reply(Choice("single", (ids[1],), (1.0,)), good), reply_to=msgs[0]),
+        Message(protocol.choice_reply(Choice("base"), protocol.SelectionCost("xpert")), reply_to=msgs[1]),
+    ]
+    choices = strategy.aggregate_select(1, [wire(r) for r in replies])
+    first, second = (strategy._current[m.metadata.dst_node_id] for m in msgs)
+    assert list(choices) == [msgs[0].metadata.dst_node_id] and first.chosen == [ids[1]]
+    assert first.selection == good.to_json() and first.selection["bytes_down"] == 1234 and first.method == method
+    assert first.distance is None  # a baseline's choice has no L1 distance
+    assert first.to_json()["selection"]["evaluations"] == 3
+    assert second.status == "select-invalid" and "ran selection 'xpert'" in second.error
+
+
+def test_a_baseline_round_trains_exactly_the_chosen_adapter(tmp_path):
+    server = make_server(tmp_path, n_initial=3)
+    grid = FakeGrid(devices(2))
+    (result,) = XPerTStrategy(cfg(num_server_rounds=1, selection="exhaustive"), server).start(grid)
+    for u in result.users:
+        assert u.status == "ok" and u.method == u.selection["method"] == "exhaustive"
+        train = [m for m in grid.devices[u.node_id].received if m.metadata.message_type == protocol.TRAIN][0]
+        req = protocol.parse_train_request(train.content)
+        assert [a.content_hash for a in req.adapters] == u.chosen  # the chosen one again, only it
+        assert u.bytes[protocol.OFFER] > u.bytes[protocol.ADAPTER_DOWN] > 0
+        assert u.bytes_received == sum(u.bytes[k] for k in protocol.DOWN_KINDS)
+
+
+def test_an_unreadable_offered_adapter_fails_the_selection_and_the_round_goes_on(tmp_path):
+    server = make_server(tmp_path, n_initial=2)
+    victim = server.cache.entries()[0]
+    (victim.path / "adapter_model.safetensors").write_bytes(b"garbage")
+    (result,) = XPerTStrategy(cfg(num_server_rounds=1, selection="bo"), server).start(FakeGrid(devices(2)))
+    assert [u.status for u in result.users] == ["select-unavailable"] * 2 and result.users[0].error

@@ -3,12 +3,14 @@
 ``make_selector("exhaustive").select(SelectionTask(base, cache, samples, seed=0))`` -> ``Selection``
 (a ``Choice`` plus the device's bytes, loss evaluations, tokens and seconds). ``SELECTORS`` maps every
 method name (what a run config or the CLI names) to its class; constructor keywords are its options.
-See ``core`` for the accounting, ``methods`` and ``text_encoder`` for each method.
+A Flower device runs the same selectors on a ``ReceivedOffer`` (what its ``query.select`` carried)
+instead of the cache (``clients.device.choose``). See ``core`` for the accounting, ``methods`` and
+``text_encoder`` for each method.
 """
 
 from __future__ import annotations
 
-from xpert_fl.baselines.core import Selection, SelectionTask, Selector
+from xpert_fl.baselines.core import OfferedPLLM, ReceivedOffer, Selection, SelectionTask, Selector, needs_base
 from xpert_fl.baselines.methods import (
     BayesOptSelector,
     ExhaustiveSelector,
@@ -39,7 +41,7 @@ def make_selector(name: str, **options: object) -> Selector:
 
 
 __all__ = [
-    "SELECTORS", "BayesOptSelector", "ExhaustiveSelector", "HyperbandSelector", "OracleSelector", "RandomSelector",
-    "ScratchSelector", "Selection", "SelectionTask", "Selector", "TextEncoder", "TextEncoderSelector",
-    "XPerTSelector", "make_selector",
+    "SELECTORS", "BayesOptSelector", "ExhaustiveSelector", "HyperbandSelector", "OfferedPLLM", "OracleSelector",
+    "RandomSelector", "ReceivedOffer", "ScratchSelector", "Selection", "SelectionTask", "Selector", "TextEncoder",
+    "TextEncoderSelector", "XPerTSelector", "make_selector", "needs_base",
 ]

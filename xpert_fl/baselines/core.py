@@ -1,17 +1,20 @@
 """The selection interface every method implements, and the device-side cost accounting they share.
 
-A method is a :class:`Selector`: given a :class:`SelectionTask` (one user's samples, the cache it may
+A method is a :class:`Selector`: given a :class:`SelectionTask` (one user's samples, the pLLMs it may
 choose from, a seed) it returns a :class:`Selection`: the same :class:`~xpert_fl.select.Choice` that
-XPerT's device sends, plus what choosing cost the device.
+XPerT's device sends, plus what choosing cost the device. The pLLMs come from any :class:`PLLMSource`:
+the server's :class:`~xpert_fl.cache.PLLMCache` (offline experiments) or a :class:`ReceivedOffer`
+(what a Flower device received in its ``query.select``), so both run the very same selectors.
 
 Cost accounting (identical for every method, so the numbers compare):
 
 * ``bytes``: what the device receives *for selecting*, by payload kind, each payload counted with
   ``strategies.protocol.payload_bytes`` over the very records the Flower message contract uses:
-  ``basis+coords`` (XPerT: ``select_request``), ``adapters`` (``adapter_records`` of every pLLM the
+  ``basis+coords`` (XPerT: ``select_request``), ``adapters`` (``adapter_bytes`` of every pLLM the
   device downloads, once per pLLM), ``embeddings`` (``text_embeddings_offer``). The message envelope
   (a few hundred bytes per message, alike for every method) is not included. Adapters downloaded
-  for selection stay on the device (``downloaded``): the chosen one needs no second download.
+  for selection stay on the device (``downloaded``): the chosen one needs no second download (the
+  Flower contract sends it again in ``train``; ``strategies.protocol`` counts that separately).
 * ``evaluations`` / ``tokens``: forward batches over the user's samples with the base model or a
   pLLM applied (loss evaluations), and the non-pad tokens forwarded in them.
 * ``seconds``: wall-clock seconds of the device's computation (applying adapters, forwards, the
@@ -28,12 +31,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-from flwr.app import RecordDict
-
 # The message contract measures every payload, so baselines are counted exactly like XPerT's rounds.
-from strategies.protocol import adapter_records, payload_bytes
+from strategies.protocol import SelectionCost, adapter_bytes
 from xpert_fl.adapters import Adapter
-from xpert_fl.cache import CacheEntry, PLLMCache
 from xpert_fl.data.corpus import Sample
 from xpert_fl.finetune import (
     IGNORE_INDEX,
@@ -48,25 +48,74 @@ from xpert_fl.finetune import (
 from xpert_fl.models import LoadedModel
 from xpert_fl.select import Choice
 
+# Payload kinds: what a method's device receives (``Selector.receives``) and pays for (``Selection.bytes``).
 ADAPTERS, BASIS_COORDS, EMBEDDINGS = "adapters", "basis+coords", "embeddings"
+LABELS, IDS = "labels", "ids"  # the oracle's offered labels; bare ids (free methods: nothing charged)
+
+
+class OfferEntry(Protocol):
+    """One offered pLLM as a selector reads it (``xpert_fl.cache.CacheEntry`` is one)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def label(self) -> str | None: ...
+    @property
+    def coords(self) -> list[float] | None: ...
+
+
+class PLLMSource(Protocol):
+    """Where a selector's pLLMs come from: ``PLLMCache`` or a :class:`ReceivedOffer`."""
+
+    def entries(self) -> Sequence[OfferEntry]: ...
+    def load_adapter(self, id: str) -> Adapter: ...
+
+
+@dataclass(frozen=True)
+class OfferedPLLM:
+    """An offered pLLM as a device knows it: its id, and what the offer told of it."""
+
+    id: str
+    label: str | None = None
+    coords: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class ReceivedOffer:
+    """The pLLMs a device received in one ``query.select``, read-only: entries in the server's order and
+    the adapters the offer carried (none for methods that need none)."""
+
+    offered: tuple[OfferedPLLM, ...]
+    adapters: dict[str, Adapter] = field(default_factory=dict)
+
+    def entries(self) -> list[OfferedPLLM]:
+        return list(self.offered)
+
+    def load_adapter(self, id: str) -> Adapter:
+        try:
+            return self.adapters[id]
+        except KeyError:
+            raise KeyError(f"the offer carried no adapter for pLLM {id!r}") from None
 
 
 @dataclass(frozen=True)
 class SelectionTask:
     """One user's selection problem. ``samples`` never leave the device; ``label`` (the user's style)
     is evaluation ground truth that only the oracle reads; ``ids`` restricts the offer (None: every
-    cache entry); ``config`` gives ``max_seq_len`` and ``eval_batch_size`` of loss evaluations."""
+    entry of ``cache``, a cache or what the device received); ``config`` gives ``max_seq_len`` and
+    ``eval_batch_size`` of loss evaluations. ``base`` may be None for methods that run no model
+    (:func:`needs_base`)."""
 
-    base: LoadedModel
-    cache: PLLMCache
+    base: LoadedModel | None
+    cache: PLLMSource
     samples: Sequence[Sample]
     label: str | None = None
     seed: int = 0
     ids: tuple[str, ...] | None = None
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
 
-    def entries(self) -> list[CacheEntry]:
-        """The offered cache entries, in cache (creation) order."""
+    def entries(self) -> list[OfferEntry]:
+        """The offered entries, in cache (creation) order."""
         entries = self.cache.entries()
         if self.ids is None:
             return entries
@@ -114,13 +163,27 @@ class Selection:
         d["bytes_down"], d["chosen"] = self.bytes_down, self.chosen
         return d
 
+    def cost(self) -> SelectionCost:
+        """What a Flower device reports with its choice: the costs, not the scores or details (they are
+        functions of the user's data)."""
+        return SelectionCost(self.method, dict(self.bytes), self.evaluations, self.tokens, self.seconds,
+                             len(self.downloaded))
+
 
 class Selector(Protocol):
-    """A selection method; ``name`` is its key in ``xpert_fl.baselines.SELECTORS``."""
+    """A selection method; ``name`` is its key in ``xpert_fl.baselines.SELECTORS``. ``receives``: the
+    payload kind its device needs in the offer (what the Flower server sends for it)."""
 
     name: str
+    receives: str
 
     def select(self, task: SelectionTask) -> Selection: ...
+
+
+def needs_base(selector: type | Selector) -> bool:
+    """Whether a method runs the base model on the device: the user coordinate (XPerT) and loss
+    evaluations (adapter methods) do; free methods and the text encoder do not."""
+    return selector.receives in (BASIS_COORDS, ADAPTERS)
 
 
 def single(entry_id: str | None) -> Choice:
@@ -142,11 +205,11 @@ class DeviceMeter:
     def receive(self, kind: str, nbytes: int) -> None:
         self.bytes[kind] = self.bytes.get(kind, 0) + int(nbytes)
 
-    def download(self, cache: PLLMCache, entry_id: str) -> Adapter:
+    def download(self, source: PLLMSource, entry_id: str) -> Adapter:
         """The pLLM's adapter as the device receives it, paid for once per pLLM."""
         if entry_id not in self.adapters:
-            adapter = cache.load_adapter(entry_id)
-            self.receive(ADAPTERS, payload_bytes(RecordDict(adapter_records(adapter, "start-0"))))
+            adapter = source.load_adapter(entry_id)
+            self.receive(ADAPTERS, adapter_bytes(adapter))
             self.adapters[entry_id] = adapter
         return self.adapters[entry_id]
 
@@ -176,6 +239,8 @@ class UserLoss:
     def __init__(self, task: SelectionTask, meter: DeviceMeter):
         if not task.samples:
             raise ValueError("selection needs at least one user sample")
+        if task.base is None:
+            raise ValueError("loss-based selection needs the base model (SelectionTask.base)")
         self.base, self.meter = task.base, meter
         self.encoded = encode(task.base.tokenizer, task.samples, task.config.max_seq_len)
         if all(label == IGNORE_INDEX for e in self.encoded for label in e["labels"]):

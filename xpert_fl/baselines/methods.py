@@ -23,6 +23,10 @@
 
 Deviation from the paper's Table 7: there BO and HyperBand are charged the download of every pLLM;
 here a method pays for the pLLMs it actually evaluates, so ``bo`` with ``trials < n`` downloads less.
+(In the Flower round loop the offer message does carry every adapter and the server counts it so,
+as in Table 7; the device's reply reports this per-method figure beside it.)
+
+``receives`` on each class names what its device needs from the server (the Flower offer's payload).
 """
 
 from __future__ import annotations
@@ -39,8 +43,19 @@ from pathlib import Path
 import optuna
 
 from strategies.protocol import SelectRequest, payload_bytes, select_request
-from xpert_fl.baselines.core import BASIS_COORDS, DeviceMeter, Selection, SelectionTask, UserLoss, single
+from xpert_fl.baselines.core import (
+    ADAPTERS,
+    BASIS_COORDS,
+    IDS,
+    LABELS,
+    DeviceMeter,
+    Selection,
+    SelectionTask,
+    UserLoss,
+    single,
+)
 from xpert_fl.basis import Basis
+from xpert_fl.cache import PLLMCache
 from xpert_fl.explain import BASIS_FILE, Explanation, ProbeConfig, offered_coordinates, user_coordinates
 from xpert_fl.select import select
 from xpert_fl.summarizer import Summarizer
@@ -50,6 +65,7 @@ class ScratchSelector:
     """Always the base model: the cost reference every saving is measured against."""
 
     name = "scratch"
+    receives = IDS
 
     def select(self, task: SelectionTask) -> Selection:
         return DeviceMeter(self.name).selection(single(None))
@@ -59,6 +75,7 @@ class RandomSelector:
     """A uniformly random pLLM, seeded by the task (the server can draw it: nothing to download)."""
 
     name = "random"
+    receives = IDS
 
     def select(self, task: SelectionTask) -> Selection:
         ids = [e.id for e in task.entries()]
@@ -69,6 +86,7 @@ class OracleSelector:
     """The first pLLM trained on the user's own style label, else the base model. Reference only."""
 
     name = "oracle"
+    receives = LABELS
 
     def select(self, task: SelectionTask) -> Selection:
         if task.label is None:
@@ -81,6 +99,7 @@ class ExhaustiveSelector:
     """Download every pLLM, evaluate its loss on all of the user's samples, keep the lowest."""
 
     name = "exhaustive"
+    receives = ADAPTERS
 
     def select(self, task: SelectionTask) -> Selection:
         meter = DeviceMeter(self.name)
@@ -98,6 +117,7 @@ class BayesOptSelector:
     """
 
     name = "bo"
+    receives = ADAPTERS
 
     def __init__(self, trials: int | None = None, startup_trials: int = 1):
         if trials is not None and trials < 1 or startup_trials < 1:
@@ -141,6 +161,7 @@ class HyperbandSelector:
     """
 
     name = "hyperband"
+    receives = ADAPTERS
 
     def __init__(self, trials: int | None = None, batch_size: int = 2, reduction_factor: int = 3):
         if trials is not None and trials < 1 or batch_size < 1 or reduction_factor < 2:
@@ -203,6 +224,7 @@ class XPerTSelector:
     """
 
     name = "xpert"
+    receives = BASIS_COORDS
 
     def __init__(
         self,
@@ -220,8 +242,7 @@ class XPerTSelector:
     def select(self, task: SelectionTask) -> Selection:
         if self.summarizer is None:
             self.summarizer = Summarizer(task.base)
-        root = Path(task.cache.root)
-        basis = self.basis or Basis.load(root / BASIS_FILE, expect_summarizer=self.summarizer.fingerprint)
+        basis = self.basis or self._cache_basis(task)
         ids, coords = offered_coordinates(task.entries(), basis.size)
         meter = DeviceMeter(self.name)
         if not ids:  # nothing explained to compare with: the base model, as the Flower device does
@@ -238,6 +259,12 @@ class XPerTSelector:
         with meter.device():
             choice = select(mine.coords, req.coords_by_id(), self.delta, self.max_parents, size=basis.size)
         return meter.selection(choice, choice.distances, basis_size=basis.size, explanation=mine.text)
+
+    def _cache_basis(self, task: SelectionTask) -> Basis:
+        """The basis stored beside a cache; a device's offer is no cache: it must come as ``basis``."""
+        if not isinstance(task.cache, PLLMCache):
+            raise ValueError("XPerTSelector needs a basis when its pLLMs do not come from a cache directory")
+        return Basis.load(Path(task.cache.root) / BASIS_FILE, expect_summarizer=self.summarizer.fingerprint)
 
 
 @contextlib.contextmanager

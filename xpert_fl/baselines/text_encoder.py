@@ -126,10 +126,12 @@ class TextEncoderSelector:
 
     ``vectors``: the server's per-pLLM embeddings by id, filled once per pLLM, from its answers to
     ``prompts`` (default: the first 8 probe prompts of the built-in corpus's test role, as the Flower
-    server uses) or from texts given to :meth:`add_texts`.
+    server's default run config probes with: ``PLLMServer.text_embeddings``) or from texts given to
+    :meth:`add_texts`.
     """
 
     name = "text-encoder"
+    receives = EMBEDDINGS
 
     def __init__(
         self, encoder: TextEncoder | None = None, prompts: Sequence[str] | None = None, probe: ProbeConfig | None = None
@@ -164,7 +166,7 @@ class TextEncoderSelector:
             if entry_id not in self.vectors:
                 self._probe(task, entry_id)
         matrix = np.stack([self.vectors[i] for i in ids])
-        meter.receive(EMBEDDINGS, payload_bytes(text_embeddings_offer(ids, matrix)))
+        meter.receive(EMBEDDINGS, payload_bytes(text_embeddings_offer(ids, matrix, self.encoder.fingerprint)))
         with meter.device():
             cosines = matrix @ self.encoder.mean([s.response for s in task.samples])
         scores = dict(zip(ids, cosines.astype(float).tolist(), strict=True))
