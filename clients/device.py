@@ -67,7 +67,8 @@ def choose(data: UserData, req: SelectRequest | OfferRequest, models: Callable[[
     merge). ``models`` is called only for methods that run the base model or the summarizer.
     """
     if isinstance(req, SelectRequest):
-        selector = XPerTSelector(models().summarizer, req.basis, ProbeConfig(**req.probe), req.delta, req.max_parents)
+        selector = XPerTSelector(models().summarizer, req.basis, ProbeConfig(**req.probe), req.delta, req.max_parents,
+                                 req.distance)
         offer = ReceivedOffer(tuple(OfferedPLLM(i, coords=c.tolist()) for i, c in req.coords_by_id().items()))
         return selector.select(SelectionTask(models().base, offer, data.train))
     selector = _baseline(req)

@@ -41,7 +41,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from xpert_fl.basis import Basis
-from xpert_fl.select import Choice
+from xpert_fl.select import Choice, check_distance
 
 if TYPE_CHECKING:  # torch/peft take seconds to import: only the train messages need them
     from xpert_fl.adapters import Adapter
@@ -150,6 +150,7 @@ class SelectRequest:
     delta: float
     max_parents: int
     probe: dict  # ProbeConfig fields for the device's own drift
+    distance: str = "drift"  # selection distance (xpert_fl.select.DISTANCES)
 
     def coords_by_id(self) -> dict[str, np.ndarray]:
         return {i: self.coords[row].astype(np.float64) for row, i in enumerate(self.ids)}
@@ -171,6 +172,7 @@ def select_request(req: SelectRequest) -> RecordDict:
         "delta": req.delta,  # may be Infinity (no merging): JSON with allow_nan
         "max_parents": req.max_parents,
         "probe": req.probe,
+        "distance": req.distance,
     }
     return RecordDict(
         {
@@ -203,7 +205,8 @@ def parse_select_request(content: RecordDict) -> SelectRequest:
         if coords.shape != (len(ids), basis.size):
             raise ProtocolError(f"coords shape {coords.shape} != ({len(ids)}, {basis.size})")
         return SelectRequest(
-            basis, ids, coords, float(meta["delta"]), int(meta["max_parents"]), dict(meta.get("probe", {}))
+            basis, ids, coords, float(meta["delta"]), int(meta["max_parents"]), dict(meta.get("probe", {})),
+            check_distance(str(meta.get("distance", "l1"))),  # a server that names none means Eq. 1
         )
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, ProtocolError):

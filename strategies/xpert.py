@@ -41,7 +41,7 @@ from xpert_fl.adapters import AdapterError
 from xpert_fl.baselines import SELECTORS
 from xpert_fl.baselines.core import ADAPTERS, EMBEDDINGS, LABELS
 from xpert_fl.cache import CacheError
-from xpert_fl.select import Choice
+from xpert_fl.select import Choice, check_distance
 
 LOG = logging.getLogger("flwr.xpert")
 TRIAL_METHODS = ("bo", "hyperband")  # the methods with a budget of evaluated pLLMs (selection-trials)
@@ -72,7 +72,8 @@ class XPerTConfig:
     orthogonalize: bool = True
     complete_basis: bool = True  # residual completion when candidate words run out (basis.py)
     max_candidates: int = 16  # candidate words examined per pLLM at most (each costs one forward)
-    merge_delta: float = math.inf  # L1 distance above which a merge is tried; inf: never merge
+    merge_delta: float = math.inf  # selection distance above which a merge is tried; inf: never merge
+    distance: str = "drift"  # selection distance: "drift" (between explained drifts) | "l1" (paper's Eq. 1)
     max_parents: int = 3
     selection: str = "xpert"  # selection method: a name of xpert_fl.baselines.SELECTORS
     selection_trials: int = 0  # bo / hyperband: pLLMs evaluated at most (0: bo half of them, hyperband all)
@@ -102,6 +103,7 @@ class XPerTConfig:
             raise ValueError("num-server-rounds, min-nodes and max-parents must be >= 1, users-per-round >= 0")
         if not cfg.merge_delta >= 0:
             raise ValueError(f"merge-delta must be >= 0 (inf: never merge), got {cfg.merge_delta}")
+        check_distance(cfg.distance)
         if cfg.selection not in SELECTORS:
             raise ValueError(f"selection must be one of {sorted(SELECTORS)}, got {cfg.selection!r}")
         if cfg.selection_trials < 0 or (cfg.selection_trials and cfg.selection not in TRIAL_METHODS):
@@ -326,7 +328,7 @@ class XPerTStrategy:
         c = self.config
         if c.selection == "xpert":
             return protocol.SelectRequest(
-                self.server.basis, tuple(ids), coords, c.merge_delta, c.max_parents, c.probe_fields()
+                self.server.basis, tuple(ids), coords, c.merge_delta, c.max_parents, c.probe_fields(), c.distance
             )
         receives = SELECTORS[c.selection].receives
         parts: dict = {}

@@ -7,7 +7,8 @@
 * Deployment: a real `flower-superlink` on loopback and two JVM SuperNodes (`java -jar
   xpert-fleet.jar`), reaching it through a loopback proxy that can alter objects in transit.
   Run 1, a probe ServerApp (tests/jvm_probe_app): unknown message type, basis/embedding dimension
-  mismatch, a tampered object, nearest and merge selection (compared with xpert_fl.select), training
+  mismatch, a tampered object, nearest and merge selection in both distances (compared with
+  xpert_fl.select), training
   from a single and a merged start (merge compared with xpert_fl.merge), an adapter that does not fit
   the device, an adapter with the wrong content hash; the device answers each bad input with an error
   reply and keeps working. Run 2, our ServerApp (strategies.server_app), one XPerT round: the good
@@ -284,14 +285,16 @@ def test_jvm_device_against_real_superlink(jar, tmp_path, base):
     assert p["unknown_type"]["code"] == 2 and "unknown message type 'query.unknown'" in p["unknown_type"]["reason"]
     assert "basis dimension 579 != the device's drift embedding dimension 576" in p["dims_mismatch"]["reason"]
     assert p["tampered"]["code"] == 3 and "failed verification" in p["tampered"]["reason"]
-    for case in ("nearest", "merge"):
+    for case in ("nearest-l1", "merge-l1", "nearest-drift", "merge-drift"):
         sel = p["select"][case]
         assert sel["error"] is None, sel
         dev, py = sel["device"], sel["python"]
         assert (dev["kind"], dev["ids"]) == (py["kind"], py["ids"]), sel
         assert np.allclose(dev["weights"], py["weights"], rtol=1e-6)
         assert np.isclose(dev["distance"], py["distance"], rtol=1e-6)
-    assert p["select"]["nearest"]["device"]["kind"] == "single" and p["select"]["merge"]["device"]["kind"] == "merge"
+    for dist in ("l1", "drift"):
+        assert p["select"][f"nearest-{dist}"]["device"]["kind"] == "single"
+        assert p["select"][f"merge-{dist}"]["device"]["kind"] == "merge"
     t = p["train"]
     assert t["single"]["error"] is None and t["single"]["upload"] == t["single"]["sent"][0]  # no-op: unchanged
     assert t["single"]["metrics"]["noop_trainer"] == 1.0 and "no-op trainer" in t["single"]["report"]["stop_reason"]

@@ -99,10 +99,11 @@ def main(grid: Grid, context: Context) -> None:
     coords = np.stack([mine + rng.normal(0, s, k) for s in (0.5, 0.05, 0.8, 0.3)]).astype(np.float32)
     coords[3] = 0.5 * coords[1] + 0.5 * mine  # a pLLM whose mix with #1 reaches the user
     by_id = {i: coords[r].astype(np.float64) for r, i in enumerate(ids)}
-    deltas = {"nearest": float("inf"), "merge": 0.0}
-    for name, delta in deltas.items():
-        batch[f"select-{name}"] = (protocol.select_request(protocol.SelectRequest(basis, ids, coords, delta, 2, {})),
-                                   protocol.SELECT)
+    deltas = {f"{kind}-{dist}": (delta, dist) for kind, delta in (("nearest", float("inf")), ("merge", 0.0))
+              for dist in ("l1", "drift")}
+    for name, (delta, dist) in deltas.items():
+        req = protocol.SelectRequest(basis, ids, coords, delta, 2, {}, dist)
+        batch[f"select-{name}"] = (protocol.select_request(req), protocol.SELECT)
 
     # 5. train: single start, merge start (device merges), adapter not matching the device, wrong hash
     initial = Adapter.load(str(cfg["initial-adapter"]))
@@ -132,9 +133,9 @@ def main(grid: Grid, context: Context) -> None:
     for name in ("unknown_type", "dims_mismatch", "tampered"):
         out[name] = _error(replies[name])
     out["select"] = {}
-    for name, delta in deltas.items():
+    for name, (delta, dist) in deltas.items():
         reply = replies[f"select-{name}"]
-        expected = select(mine, by_id, delta, 2, size=k)
+        expected = select(mine, by_id, delta, 2, size=k, gram=basis.metric(dist))
         got = protocol.parse_choice(reply.content) if not reply.has_error() else None
         out["select"][name] = {
             "error": _error(reply),

@@ -57,7 +57,7 @@ from xpert_fl.baselines.core import (
 from xpert_fl.basis import Basis
 from xpert_fl.cache import PLLMCache
 from xpert_fl.explain import BASIS_FILE, Explanation, ProbeConfig, offered_coordinates, user_coordinates
-from xpert_fl.select import select
+from xpert_fl.select import check_distance, select
 from xpert_fl.summarizer import Summarizer
 
 
@@ -233,10 +233,12 @@ class XPerTSelector:
         probe: ProbeConfig | None = None,
         delta: float = math.inf,
         max_parents: int = 3,
+        distance: str = "drift",
     ):
         self.summarizer, self.basis = summarizer, basis
         self.probe = probe or ProbeConfig()
         self.delta, self.max_parents = delta, max_parents
+        self.distance = check_distance(distance)
         self._mine: dict[tuple, tuple[Explanation, float]] = {}
 
     def select(self, task: SelectionTask) -> Selection:
@@ -247,7 +249,7 @@ class XPerTSelector:
         meter = DeviceMeter(self.name)
         if not ids:  # nothing explained to compare with: the base model, as the Flower device does
             return meter.selection(single(None))
-        req = SelectRequest(basis, tuple(ids), coords, self.delta, self.max_parents, asdict(self.probe))
+        req = SelectRequest(basis, tuple(ids), coords, self.delta, self.max_parents, asdict(self.probe), self.distance)
         meter.receive(BASIS_COORDS, payload_bytes(select_request(req)))
         key = (basis.summarizer, tuple(basis.words), tuple(task.samples))
         if key not in self._mine:
@@ -257,7 +259,8 @@ class XPerTSelector:
         mine, seconds = self._mine[key]
         meter.seconds += seconds
         with meter.device():
-            choice = select(mine.coords, req.coords_by_id(), self.delta, self.max_parents, size=basis.size)
+            choice = select(mine.coords, req.coords_by_id(), self.delta, self.max_parents, size=basis.size,
+                            gram=basis.metric(self.distance))
         return meter.selection(choice, choice.distances, basis_size=basis.size, explanation=mine.text)
 
     def _cache_basis(self, task: SelectionTask) -> Basis:

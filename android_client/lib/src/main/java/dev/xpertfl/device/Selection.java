@@ -10,7 +10,9 @@ import java.util.Map;
  * The device side of XPerT's selection, ported from {@code xpert_fl.basis} / {@code xpert_fl.select}:
  * the user's coordinate on the received basis (Eq. 2), the nearest cached pLLM in L1 (Eq. 1) and,
  * when that is farther than {@code delta}, a non-negative merge (NNLS, Lawson-Hanson) of at most
- * {@code maxParents} pLLMs, chosen only if strictly closer in L1. Pure Java, float64.
+ * {@code maxParents} pLLMs, chosen only if strictly closer. With the "drift" distance, coordinates
+ * are first mapped to the drifts they reconstruct ({@link #drifts}) and distances are Euclidean,
+ * as {@code select(..., gram=basis.gram)}. Pure Java, float64.
  */
 public final class Selection {
     private Selection() {}
@@ -100,27 +102,45 @@ public final class Selection {
         return c;
     }
 
-    // --- Eq. 1 --------------------------------------------------------------------------------------
-    static double l1(double[] a, double[] b) {
-        double s = 0;
-        for (int i = 0; i < a.length; i++) s += Math.abs(a[i] - b[i]);
-        return s;
+    /** Coordinates (rows) mapped to the drifts they reconstruct, sum_i c_i v_i: distances between these
+     *  are the "drift" selection distance. */
+    public static double[][] drifts(double[][] coords, double[][] vectors) {
+        double[][] out = new double[coords.length][];
+        for (int r = 0; r < coords.length; r++) out[r] = drift(coords[r], vectors);
+        return out;
     }
 
-    static double l1(double[] a) {
+    public static double[] drift(double[] c, double[][] vectors) {
+        if (c.length != vectors.length) throw new DimensionException(c.length + " coordinates for " + vectors.length + " basis vectors");
+        double[] e = new double[vectors.length == 0 ? 0 : vectors[0].length];
+        for (int i = 0; i < c.length; i++) for (int j = 0; j < e.length; j++) e[j] += c[i] * vectors[i][j];
+        return e;
+    }
+
+    // --- Eq. 1 --------------------------------------------------------------------------------------
+    static double dist(double[] a, double[] b, boolean euclidean) {
         double s = 0;
-        for (double x : a) s += Math.abs(x);
-        return s;
+        for (int i = 0; i < a.length; i++) s += euclidean ? (a[i] - b[i]) * (a[i] - b[i]) : Math.abs(a[i] - b[i]);
+        return euclidean ? Math.sqrt(s) : s;
+    }
+
+    static double norm(double[] a, boolean euclidean) {
+        return dist(a, new double[a.length], euclidean);
     }
 
     /** Nearest pLLM in L1 (first minimum on ties); empty cache: the base model. */
     public static Choice nearest(double[] user, List<String> ids, double[][] coords) {
+        return nearest(user, ids, coords, false);
+    }
+
+    /** Nearest pLLM in L1, or Euclidean for vectors already mapped by {@link #drifts}. */
+    public static Choice nearest(double[] user, List<String> ids, double[][] coords, boolean euclidean) {
         check(user, ids, coords);
-        if (ids.isEmpty()) return Choice.base(l1(user));
+        if (ids.isEmpty()) return Choice.base(norm(user, euclidean));
         int best = 0;
         double bestD = Double.POSITIVE_INFINITY;
         for (int i = 0; i < ids.size(); i++) {
-            double d = l1(coords[i], user);
+            double d = dist(coords[i], user, euclidean);
             if (d < bestD) {
                 bestD = d;
                 best = i;
@@ -145,8 +165,12 @@ public final class Selection {
 
     /** A few parents and weights >= 0 minimising ||sum a_j c_j - c_u||_2 (NNLS, top maxParents, refit). */
     public static Choice mergeWeights(double[] user, List<String> ids, double[][] coords, int maxParents) {
+        return mergeWeights(user, ids, coords, maxParents, false);
+    }
+
+    public static Choice mergeWeights(double[] user, List<String> ids, double[][] coords, int maxParents, boolean euclidean) {
         check(user, ids, coords);
-        Choice base = Choice.base(l1(user));
+        Choice base = Choice.base(norm(user, euclidean));
         if (ids.isEmpty()) return base;
         double[] alpha = nnls(transpose(coords), user);
         List<Integer> order = new ArrayList<>();
@@ -169,15 +193,20 @@ public final class Selection {
             }
         }
         if (pid.isEmpty()) return base;
-        return new Choice("merge", pid, pw, l1(merged, user));
+        return new Choice("merge", pid, pw, dist(merged, user, euclidean));
     }
 
     /** Nearest if within delta, else a merge if strictly closer, else the nearest. */
     public static Choice select(double[] user, List<String> ids, double[][] coords, double delta, int maxParents) {
+        return select(user, ids, coords, delta, maxParents, false);
+    }
+
+    public static Choice select(double[] user, List<String> ids, double[][] coords, double delta, int maxParents,
+                                boolean euclidean) {
         if (Double.isNaN(delta) || delta < 0) throw new IllegalArgumentException("delta must be >= 0, got " + delta);
-        Choice best = nearest(user, ids, coords);
+        Choice best = nearest(user, ids, coords, euclidean);
         if (best.kind.equals("base") || best.distance <= delta) return best;
-        Choice mix = mergeWeights(user, ids, coords, maxParents);
+        Choice mix = mergeWeights(user, ids, coords, maxParents, euclidean);
         return mix.distance < best.distance ? mix : best;
     }
 

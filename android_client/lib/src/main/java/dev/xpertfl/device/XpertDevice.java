@@ -127,7 +127,16 @@ public final class XpertDevice implements FleetNode.Handler {
             user = profile.coordinate.clone();
         }
         // empty cache: start from the base model (as the Python device); the dimensions are checked anyway
-        Choice choice = ids.isEmpty() ? Choice.base(0.0) : Selection.select(user, ids, rows(coords), delta, maxParents);
+        // "drift" (default of new servers): Euclidean between the drifts coordinates reconstruct; "l1": Eq. 1
+        Object distance = meta.getOrDefault("distance", "l1");
+        if (!"drift".equals(distance) && !"l1".equals(distance)) {
+            throw new IllegalArgumentException("unknown selection distance " + distance + ": expected drift or l1");
+        }
+        boolean euclidean = "drift".equals(distance);
+        double[][] basisRows = rows(vectors);
+        double[][] offered = euclidean ? Selection.drifts(rows(coords), basisRows) : rows(coords);
+        double[] mine = euclidean ? Selection.drift(user, basisRows) : user;
+        Choice choice = ids.isEmpty() ? Choice.base(0.0) : Selection.select(mine, ids, offered, delta, maxParents, euclidean);
         lastStatus = "chose " + choice + " among " + ids.size() + " pLLM(s), basis " + k + " words";
         LOG.info(profile.user + ": " + lastStatus + explain(words, user));
         return new RecordDict().put("choice", new ConfigRecord().put("choice", choice.toJson()));
