@@ -90,8 +90,9 @@ def select(msg: Message, context: Context) -> Message:
 @app.train()
 def fit(msg: Message, context: Context) -> Message:
     """Merge if asked, fine-tune the chosen start on the user's data, upload the new adapter."""
-    from clients.device import finetune_config, train, training_metrics
+    from clients.device import finetune_config, self_report, train, training_metrics
     from xpert_fl.device import get_trainer
+    from xpert_fl.explain import ProbeConfig
 
     t0 = time.perf_counter()
     req = protocol.parse_train_request(msg.content)
@@ -102,7 +103,12 @@ def fit(msg: Message, context: Context) -> Message:
     config = finetune_config(req.finetune, _threads(context))
     result = train(models, data, req.choice, req.adapters, config, req.compare_scratch, trainer)
     report = {"start": result.start_kind, "stop_reason": result.result.stop_reason, "trainer": engine}
-    reply = protocol.upload_reply(result.result.adapter, training_metrics(result), report)
+    drift = None
+    if bool(context.run_config.get("self-reports", False)):
+        probe = ProbeConfig(max_new_tokens=int(context.run_config.get("probe-max-new-tokens", 48)))
+        drift = self_report(models, data, probe)
+        report["summarizer"] = models.summarizer.fingerprint
+    reply = protocol.upload_reply(result.result.adapter, training_metrics(result), report, drift)
     LOG.info("%s: fine-tuned (%s) from %s, %s steps, %.1fs in all", data.user, engine, result.start_kind,
              result.result.steps, time.perf_counter() - t0)
     return Message(reply, reply_to=msg)

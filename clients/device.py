@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from clients.users import UserData
@@ -27,7 +28,7 @@ from xpert_fl.baselines import (
 )
 from xpert_fl.baselines.core import ADAPTERS, EMBEDDINGS, LABELS
 from xpert_fl.device import DeviceTrainer
-from xpert_fl.explain import ProbeConfig
+from xpert_fl.explain import ProbeConfig, user_drift
 from xpert_fl.finetune import FinetuneConfig, FinetuneResult, finetune, target_from_scratch, with_target
 from xpert_fl.merge import merge_adapters
 from xpert_fl.models import LoadedModel, load_model
@@ -117,6 +118,12 @@ class Training:
     scratch: FinetuneResult | None
     target: float | None
     start_kind: str
+
+
+def self_report(models: DeviceModels, data: UserData, probe: ProbeConfig) -> np.ndarray:
+    """The drift embedding of the data the device trained on (the vector its selection coordinates come
+    from, never text): uploaded beside the adapter so the server may explain the pLLM by it."""
+    return user_drift(models.base, models.summarizer, data.train, probe).vector
 
 
 def start_adapter(base: LoadedModel, choice: Choice, adapters: Sequence[Adapter]) -> Adapter | None:

@@ -10,6 +10,7 @@ everything that persists across rounds and runs: the SQLite index, the adapters,
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,10 +23,19 @@ from xpert_fl.adapters import Adapter, validate_adapter
 from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
 from xpert_fl.data import load_corpus, split_roles
-from xpert_fl.explain import Explainer, ProbeConfig, _nonempty, explain_cache, offered_coordinates, open_basis
+from xpert_fl.explain import (
+    SELF_REPORT_MIN_COSINE,
+    Explainer,
+    ProbeConfig,
+    _nonempty,
+    explain_cache,
+    offered_coordinates,
+    open_basis,
+    trusted_drift,
+)
 from xpert_fl.models import load_model
 from xpert_fl.probe import probe_prompts
-from xpert_fl.summarizer import Summarizer, SummarizerConfig
+from xpert_fl.summarizer import Drift, Summarizer, SummarizerConfig
 
 if TYPE_CHECKING:  # the sentence encoder loads only for the text-encoder baseline
     from xpert_fl.baselines import TextEncoderSelector
@@ -41,6 +51,8 @@ class Ingested:
     examined: int  # candidate words whose sub-vector was computed (paper Table 2)
     residual_ratio: float | None
     explain_seconds: float
+    explained_by: str = "probe"  # "probe" | "self-report" (the uploader's, verified against the probe)
+    self_report: str | None = None  # what became of a self-report: "cosine 0.64" or why it was ignored
 
 
 class PLLMServer:
@@ -117,11 +129,22 @@ class PLLMServer:
         return np.stack([known[i] for i in ids]), self.text_encoder.encoder.fingerprint
 
     # --- uploads ---------------------------------------------------------------------------------
-    def ingest(self, adapter: Adapter, parents: list[str], metrics: dict, label: str | None) -> Ingested:
+    def ingest(
+        self,
+        adapter: Adapter,
+        parents: list[str],
+        metrics: dict,
+        label: str | None,
+        self_report: tuple[np.ndarray, str] | None = None,
+        min_cosine: float | None = SELF_REPORT_MIN_COSINE,
+    ) -> Ingested:
         """Validate, cache (parents = the chosen ids), probe + explain (may grow the basis).
 
-        All or nothing: an adapter that fails validation is never written; one whose explanation fails
-        is removed again. Content already cached is returned as is (``duplicate=True``).
+        ``self_report``: (drift, summarizer fingerprint) of the uploader's own data; it explains the
+        pLLM when it comes from this summarizer and agrees with the probe (``trusted_drift``;
+        ``min_cosine=None`` never trusts one). All or nothing: an adapter that fails validation is never
+        written; one whose explanation fails is removed again. Content already cached is returned as is
+        (``duplicate=True``).
         """
         base = self.cache.base
         validate_adapter(adapter, base.fingerprint, base.shapes, max_bytes=self.cache.max_bytes)
@@ -130,12 +153,32 @@ class PLLMServer:
         entry = self.cache.add(adapter, parents=parents, metrics=metrics, label=label)
         t0 = time.perf_counter()
         try:
-            decs = explain_cache(self.cache, self.explainer, self.basis, ids=[entry.id], progress=False)
+            drift, by, note = self._drift(adapter, self_report, min_cosine)
+            decs = explain_cache(self.cache, self.explainer, self.basis, ids=[entry.id], progress=False,
+                                 given={entry.id: drift})
         except BaseException:
             self.cache.remove(entry.id)
             raise
         dec = decs.get(entry.id)
         return Ingested(
             self.cache.get(entry.id), False, list(dec.added) if dec else [], dec.examined if dec else 0,
-            dec.residual_ratio if dec else None, time.perf_counter() - t0,
+            dec.residual_ratio if dec else None, time.perf_counter() - t0, by, note,
         )
+
+    def _drift(
+        self, adapter: Adapter, self_report: tuple[np.ndarray, str] | None, min_cosine: float | None
+    ) -> tuple[Drift, str, str | None]:
+        """The probe drift, or a trusted self-report; how the pLLM is explained; what became of a report."""
+        probe = self.explainer.drift(adapter)
+        if self_report is None:
+            return probe, "probe", None
+        vector, summarizer = self_report
+        mine = self.explainer.summarizer
+        if summarizer != mine.fingerprint:
+            return probe, "probe", f"ignored: summarizer {summarizer} is not the server's {mine.fingerprint}"
+        if vector.shape != (mine.dim,):
+            return probe, "probe", f"ignored: shape {vector.shape} != ({mine.dim},)"
+        used, cosine = trusted_drift(probe, vector, mine, math.inf if min_cosine is None else min_cosine)
+        if used is probe:
+            return probe, "probe", f"rejected: cosine {cosine:.2f} with the probe drift"
+        return used, "self-report", f"trusted: cosine {cosine:.2f} with the probe drift"

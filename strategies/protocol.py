@@ -449,10 +449,20 @@ def parse_train_request(content: RecordDict) -> TrainRequest:
     return TrainRequest(choice, tuple(adapters), meta["finetune"], bool(meta.get("compare_scratch", False)))
 
 
-def upload_reply(adapter: Adapter, metrics: Mapping[str, float | int], report: Mapping[str, str]) -> RecordDict:
+def upload_reply(
+    adapter: Adapter,
+    metrics: Mapping[str, float | int],
+    report: Mapping[str, str],
+    self_report: np.ndarray | None = None,
+) -> RecordDict:
+    """The upload; ``self_report``: the drift embedding of the device's own training data (the vector
+    its coordinates came from; never text), which the server may use to explain the pLLM once it
+    agrees with the server's own probe (``xpert_fl.explain.trusted_drift``)."""
     records: dict = adapter_records(adapter, "upload")
     records["finetune"] = MetricRecord({k: v for k, v in metrics.items() if v is not None})
     records["report"] = ConfigRecord({"meta": json.dumps(dict(report))})
+    if self_report is not None:
+        records["self_report"] = ArrayRecord({"drift": Array(np.ascontiguousarray(self_report, dtype=np.float32))})
     return RecordDict(records)
 
 
@@ -461,6 +471,7 @@ class Upload:
     adapter: Adapter
     metrics: dict[str, float]
     report: dict
+    self_report: np.ndarray | None = None  # 1-D float32 drift; its summarizer is report["summarizer"]
 
 
 def parse_upload(content: RecordDict) -> Upload:
@@ -471,4 +482,14 @@ def parse_upload(content: RecordDict) -> Upload:
     report = _json(_config(content, "report"), "meta")
     if not isinstance(report, dict):
         raise ProtocolError("upload report must be a JSON object")
-    return Upload(adapter, dict(metrics.items()), report)
+    drift = None
+    if "self_report" in content:
+        record = _arrays(content, "self_report")
+        if "drift" not in record:
+            raise ProtocolError("self_report record has no array 'drift'")
+        drift = record["drift"].numpy()
+        if drift.ndim != 1 or not np.isfinite(drift).all():
+            raise ProtocolError(f"self-reported drift must be a finite 1-D vector, got shape {drift.shape}")
+        if not isinstance(report.get("summarizer"), str):
+            raise ProtocolError("a self-reported drift must name its summarizer (report 'summarizer')")
+    return Upload(adapter, dict(metrics.items()), report, drift)

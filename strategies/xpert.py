@@ -74,6 +74,9 @@ class XPerTConfig:
     max_candidates: int = 16  # candidate words examined per pLLM at most (each costs one forward)
     merge_delta: float = math.inf  # selection distance above which a merge is tried; inf: never merge
     distance: str = "drift"  # selection distance: "drift" (between explained drifts) | "l1" (paper's Eq. 1)
+    # opt-in (privacy): devices upload the drift of their own data; trusted when it agrees with the probe
+    self_reports: bool = False
+    self_report_min_cosine: float = 0.5  # the agreement (cosine with the server's probe drift) a report needs
     max_parents: int = 3
     selection: str = "xpert"  # selection method: a name of xpert_fl.baselines.SELECTORS
     selection_trials: int = 0  # bo / hyperband: pLLMs evaluated at most (0: bo half of them, hyperband all)
@@ -101,6 +104,8 @@ class XPerTConfig:
         cfg = cls(**values)
         if cfg.num_server_rounds < 1 or cfg.users_per_round < 0 or cfg.min_nodes < 1 or cfg.max_parents < 1:
             raise ValueError("num-server-rounds, min-nodes and max-parents must be >= 1, users-per-round >= 0")
+        if not -1.0 <= cfg.self_report_min_cosine <= 1.0:
+            raise ValueError(f"self-report-min-cosine is a cosine in [-1, 1], got {cfg.self_report_min_cosine}")
         if not cfg.merge_delta >= 0:
             raise ValueError(f"merge-delta must be >= 0 (inf: never merge), got {cfg.merge_delta}")
         check_distance(cfg.distance)
@@ -151,6 +156,8 @@ class UserRound:
     examined: int = 0
     residual_ratio: float | None = None
     explain_seconds: float | None = None
+    explained_by: str | None = None  # "probe" | "self-report" (the device's, verified against the probe)
+    self_report: str | None = None  # what became of the device's self-report (None: it sent none)
     finetune: dict = field(default_factory=dict)  # the device's cost metrics
     trainer: str | None = None  # the device's fine-tuning engine ("torch" | "ort"), as it reported
     bytes: dict = field(default_factory=lambda: {k: 0 for k in protocol.KINDS})
@@ -442,7 +449,9 @@ class XPerTStrategy:
                 upload = protocol.parse_upload(reply.content)
                 rec.finetune, rec.trainer = upload.metrics, upload.report.get("trainer")
                 metrics = {"round": server_round, "user": rec.user, "start": rec.choice, **upload.metrics}
-                done = self.server.ingest(upload.adapter, rec.chosen, metrics, rec.label)
+                report = (upload.self_report, upload.report["summarizer"]) if upload.self_report is not None else None
+                trust = self.config.self_report_min_cosine if self.config.self_reports else None
+                done = self.server.ingest(upload.adapter, rec.chosen, metrics, rec.label, report, trust)
             except (protocol.ProtocolError, AdapterError, CacheError) as err:
                 rec.fail("upload-invalid", str(err))
                 continue
@@ -453,6 +462,7 @@ class XPerTStrategy:
             rec.new_id, rec.explanation = done.entry.id, done.entry.explanation
             rec.added_words, rec.explain_seconds = done.added_words, done.explain_seconds
             rec.examined, rec.residual_ratio = done.examined, done.residual_ratio
+            rec.explained_by, rec.self_report = done.explained_by, done.self_report
             what = "already cached" if done.duplicate else "cached"
             LOG.info("round %s %s: %s %s (%s)", server_round, rec.user, what, rec.new_id, rec.explanation)
         for node, (_, rec) in sent.items():

@@ -67,7 +67,7 @@ def round_trip(base, random_pllm, tmp_path_factory):
     sent["train"] = client_app.fit(train, context)
     (record,) = strategy.aggregate_train(1, [sent["train"]])
     return {"server": server, "record": record, "sent": sent, "context": context, "select_msg": sel,
-            "summarizer": summarizer}
+            "summarizer": summarizer, "strategy": strategy, "choices": choices}
 
 
 def test_user_specs_and_partitions_are_deterministic_and_disjoint():
@@ -96,6 +96,7 @@ def test_one_round_through_the_handlers(round_trip):
     entry = server.cache.get(rec.new_id)
     assert entry.parents == tuple(rec.chosen) and entry.label == "sarcastic"
     assert entry.coords is not None and len(entry.coords) == server.basis.size and rec.explanation
+    assert rec.explained_by == "probe" and rec.self_report is None  # self-reports are opt-in
     ft = rec.finetune
     assert ft["scratch_steps"] >= 1 and "target_loss" in ft and ft["n_train"] == 3 and ft["n_test"] == 1
     assert ft["energy_joules"] > 0 and ft["seconds"] > 0
@@ -122,6 +123,24 @@ def test_handler_errors_surface_as_exceptions(round_trip):
         client_app.register(round_trip["select_msg"], bad)
     with pytest.raises(protocol.ProtocolError):
         client_app.fit(round_trip["select_msg"], round_trip["context"])
+
+
+def test_opt_in_self_report_uploads_the_drift_of_the_users_data_and_no_text(base, round_trip):
+    """With ``self-reports = true`` the upload carries exactly the drift the device's selection came from
+    (the audit below shows nothing of the kind leaves by default), named by its summarizer."""
+    ctx = round_trip["context"]
+    opted = Context(run_id=1, node_id=7, node_config=ctx.node_config, state=RecordDict(),
+                    run_config={**RUN_CONFIG, "self-reports": True})
+    (train,) = [m for m in round_trip["strategy"].configure_train(1, round_trip["choices"])]
+    reply = client_app.fit(train, opted)
+    upload = protocol.parse_upload(reply.content)
+    data = user_data(0, DataConfig.from_run_config(RUN_CONFIG))
+    want = user_drift(base, round_trip["summarizer"], data.train, PROBE).vector
+    np.testing.assert_allclose(upload.self_report, want, rtol=1e-5, atol=1e-6)
+    assert upload.report["summarizer"] == round_trip["summarizer"].fingerprint
+    # the server's side (trust only what agrees with its probe) is tested in test_strategy
+    text = _payload(reply).decode("latin-1").lower()
+    assert not any(s.response.lower()[:24] in text for s in data.train + data.test)
 
 
 def _payload(msg: Message) -> bytes:

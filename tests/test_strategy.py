@@ -25,6 +25,7 @@ from xpert_fl.adapters import Adapter
 from xpert_fl.baselines import SELECTORS, TextEncoderSelector
 from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, PLLMCache
+from xpert_fl.explain import DRIFTS_FILE, load_drifts
 from xpert_fl.select import Choice
 from xpert_fl.summarizer import Drift
 
@@ -347,6 +348,51 @@ def test_aggregate_steps_work_on_replies_alone(tmp_path):
     assert records["user-5"].label is None and records["user-5"].correct is None  # no label reported
     result = strategy.finish_round(1, 0.0)
     assert result.cache_size == 3
+
+
+def test_self_reports_explain_an_upload_only_when_they_agree_with_the_probe(tmp_path):
+    """An upload's self-reported drift (its own data's) replaces the server's probe drift when their cosine
+    reaches self-report-min-cosine (run config self-reports = true), keeping the probe's candidate words; an unrelated vector, another
+    summarizer's or self-reports turned off leave the probe drift in charge. All of it crosses the wire."""
+    server = make_server(tmp_path, n_initial=2)
+    strategy = XPerTStrategy(cfg(num_server_rounds=1, self_reports=True), server)
+    reg = strategy.configure_register([5, 6, 7, 8])
+    strategy.aggregate_register([Message(protocol.register_reply(f"user-{m.metadata.dst_node_id}", None),
+                                         reply_to=m) for m in reg])
+    msgs = strategy.configure_select(1, strategy.sample(1, [5, 6, 7, 8]))
+    ids = protocol.parse_select_request(msgs[0].content).ids
+    choices = strategy.aggregate_select(1, [Message(protocol.choice_reply(Choice("single", (ids[0],), (1.0,), 0.2)),
+                                                    reply_to=m) for m in msgs])
+    train = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, choices)}
+    probe = {n: FakeExplainer().drift(adapter(n)).vector for n in train}
+    noise = np.random.default_rng(0).normal(size=DIM).astype(np.float32)
+    reports = {
+        5: (probe[5] + 0.3 * np.linalg.norm(probe[5]) / np.sqrt(DIM) * noise, "fake-summarizer"),  # honest
+        6: (noise, "fake-summarizer"),  # unrelated: cosine ~ 0
+        7: (probe[7], "another-summarizer"),
+        8: None,
+    }
+    ups = [wire(Message(protocol.upload_reply(adapter(n), {"steps": 1}, {} if r is None else {"summarizer": r[1]},
+                                              None if r is None else r[0]), reply_to=train[n]))
+           for n, r in reports.items()]
+    records = {r.node_id: r for r in strategy.aggregate_train(1, ups)}
+    assert records[5].explained_by == "self-report" and records[5].self_report.startswith("trusted: cosine 0.9")
+    assert records[6].explained_by == "probe" and records[6].self_report.startswith("rejected: cosine")
+    assert records[7].explained_by == "probe" and "another-summarizer" in records[7].self_report
+    assert records[8].explained_by == "probe" and records[8].self_report is None
+    drifts = load_drifts(tmp_path / "cache" / DRIFTS_FILE)
+    np.testing.assert_allclose(drifts[records[5].new_id], reports[5][0], rtol=1e-6)
+    np.testing.assert_allclose(drifts[records[6].new_id], probe[6], rtol=1e-6)
+    # self-reports off (the default): the server never trusts one
+    off = XPerTStrategy(cfg(num_server_rounds=1, self_reports=False), make_server(tmp_path / "off", n_initial=0))
+    done = off.server.ingest(adapter(5), [], {}, None, reports[5], None)
+    assert done.explained_by == "probe" and done.self_report.startswith("rejected")
+    with pytest.raises(protocol.ProtocolError, match="name its summarizer"):
+        protocol.parse_upload(protocol.upload_reply(adapter(5), {}, {}, probe[5]))
+    with pytest.raises(protocol.ProtocolError, match="finite 1-D"):
+        protocol.parse_upload(protocol.upload_reply(adapter(5), {}, {"summarizer": "s"}, np.full(DIM, np.nan)))
+    with pytest.raises(ValueError, match="self-report-min-cosine"):
+        XPerTConfig.from_run_config({"self-report-min-cosine": 2.0})
 
 
 def test_protocol_round_trips_and_hides_distances():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,17 +207,52 @@ def offered_coordinates(entries: Iterable[CacheEntry], size: int) -> tuple[list[
     return ids, np.array(rows, dtype=np.float64).reshape(len(ids), size)
 
 
+SELF_REPORT_MIN_COSINE = 0.5  # honest reports measured 0.58-0.72 against their pLLM's probe drift
+
+
+def trusted_drift(
+    probe: Drift, report: np.ndarray | None, summarizer: Summarizer, min_cosine: float = SELF_REPORT_MIN_COSINE
+) -> tuple[Drift, float | None]:
+    """The drift to explain a pLLM by: its uploader's self-report (the drift of the data it was trained
+    on, as the device embedded it for its own selection) when that agrees with the server's probe
+    (cosine >= ``min_cosine``), with the probe's candidate words; else the probe drift.
+
+    Why: a user's data and a self-report are both human text, while probe answers are the pLLM's short
+    generations; on the built-in corpus self-reported pLLMs were chosen right more often (benchmarks/
+    selection_accuracy.py). Why the check: a device could report anything; the probe is the server's
+    own evidence. It rejects unrelated or forged vectors, not a report of a neighbouring style.
+    Returns the drift used and the cosine (None without a report). A report of the wrong dimension is
+    a ValueError.
+    """
+    if report is None:
+        return probe, None
+    report = np.asarray(report, dtype=np.float32)
+    if report.shape != (summarizer.dim,) or not np.isfinite(report).all():
+        raise ValueError(f"self-reported drift must be finite with shape ({summarizer.dim},), got {report.shape}")
+    norms = float(np.linalg.norm(probe.vector) * np.linalg.norm(report))
+    cosine = float(probe.vector @ report / norms) if norms > 0 else 0.0
+    if cosine < min_cosine:
+        return probe, cosine
+    return Drift(report, probe.candidates, probe.probabilities), cosine
+
+
 def explain_cache(
-    cache: PLLMCache, explainer: Explainer, basis: Basis, ids: Sequence[str] | None = None, progress: bool = True
+    cache: PLLMCache,
+    explainer: Explainer,
+    basis: Basis,
+    ids: Sequence[str] | None = None,
+    progress: bool = True,
+    given: Mapping[str, Drift] | None = None,
 ) -> dict[str, Decomposition]:
     """Explain cache entries that have no drift yet (Algorithm 1, sequentially), then re-project every
-    entry on the final basis so all coordinates share its words; persist basis, drifts, explanations."""
+    entry on the final basis so all coordinates share its words; persist basis, drifts, explanations.
+    ``given``: drifts already computed by id (e.g. a trusted self-report), used instead of probing."""
     root = Path(cache.root)
     drifts = load_drifts(root / DRIFTS_FILE)
     todo = [e.id for e in cache.entries() if e.id not in drifts and (ids is None or e.id in ids)]
     decompositions = {}
     for entry_id in tqdm(todo, desc="explain pLLMs", disable=not progress):
-        d = explainer.drift(cache.load_adapter(entry_id))
+        d = given[entry_id] if given and entry_id in given else explainer.drift(cache.load_adapter(entry_id))
         decompositions[entry_id] = basis.decompose(d.vector, d.candidates, explainer.summarizer.subvector)
         drifts[entry_id] = d.vector
     basis.save(root / BASIS_FILE)
