@@ -352,8 +352,9 @@ def test_aggregate_steps_work_on_replies_alone(tmp_path):
 
 def test_self_reports_explain_an_upload_only_when_they_agree_with_the_probe(tmp_path):
     """An upload's self-reported drift (its own data's) replaces the server's probe drift when their cosine
-    reaches self-report-min-cosine (run config self-reports = true), keeping the probe's candidate words; an unrelated vector, another
-    summarizer's or self-reports turned off leave the probe drift in charge. All of it crosses the wire."""
+    reaches self-report-min-cosine (run config self-reports = true), keeping the probe's candidate words;
+    an unrelated vector, another summarizer's, or self-reports turned off leave the probe drift in charge.
+    All of it crosses the wire."""
     server = make_server(tmp_path, n_initial=2)
     strategy = XPerTStrategy(cfg(num_server_rounds=1, self_reports=True), server)
     reg = strategy.configure_register([5, 6, 7, 8])
