@@ -33,7 +33,7 @@ from xpert_fl.cache import PLLMCache  # noqa: E402
 from xpert_fl.chat import chat_prompt  # noqa: E402
 from xpert_fl.data import load_corpus, similarity_mixture, split_roles, user_samples  # noqa: E402
 from xpert_fl.evaluation import wilson  # noqa: E402
-from xpert_fl.explain import ProbeConfig, adapter_answers  # noqa: E402
+from xpert_fl.explain import SELF_REPORT_MIN_COSINE, ProbeConfig, adapter_answers, trusted_drift  # noqa: E402
 from xpert_fl.finetune import FinetuneConfig  # noqa: E402
 from xpert_fl.models import load_model  # noqa: E402
 from xpert_fl.probe import generate, probe_prompts  # noqa: E402
@@ -147,14 +147,20 @@ def main() -> None:
             "raw_l2": (raw, user_drifts, np.eye(summarizer.dim)),
         }
         if own:
-            own_d = {e.id: summarizer.drift(*triple) for e, triple in zip(entries, own_refs, strict=True)}
-            own_drift = {i: d.vector for i, d in own_d.items()}
+            # each pLLM's uploader reports the drift of its training data; the server trusts a report as
+            # PLLMServer.ingest does (trusted_drift: cosine with its own probe drift), else keeps the probe
+            reports = {e.id: summarizer.drift(*t, candidates=False).vector
+                       for e, t in zip(entries, own_refs, strict=True)}
+            checked = {i: trusted_drift(drifts[i], reports[i], summarizer) for i in drifts}
+            cosines = {label[i]: {label[j]: _cosine(drifts[i].vector, reports[j]) for j in reports} for i in drifts}
+            own_drift = {i: d.vector for i, (d, _) in checked.items()}
             own_basis = _basis(summarizer, args)
-            for d in own_d.values():
+            for d, _ in checked.values():
                 own_basis.decompose(d.vector, d.candidates, summarizer.subvector)
             own_coords = dict(zip(own_drift, own_basis.project_all(list(own_drift.values())), strict=True))
-            # the server's check of a self-report: its probe drift must be nearest to that pLLM's own report
-            verified = sum(nearest(drifts[i].vector, own_drift).ids[0] == i for i in own_drift)
+            verified = sum(d is not drifts[i] for i, (d, _) in checked.items())
+            # a forged report (another pLLM's) that the same check would have let through
+            forged = sum(c >= SELF_REPORT_MIN_COSINE for i, row in cosines.items() for j, c in row.items() if i != j)
             own_mine = [own_basis.coordinates(v) for v in user_drifts]
             routes["self"] = (own_coords, own_mine, None)
             routes["self_drift"] = (own_coords, own_mine, own_basis.gram)
@@ -176,7 +182,9 @@ def main() -> None:
                 "self_reported_ci95": wilson(hits["self"], n),
                 "self_reported_drift_accuracy": hits["self_drift"] / n,
                 "self_reported_drift_ci95": wilson(hits["self_drift"], n),
-                "self_reports_verified_by_probe": verified / len(entries)} if own else {}),
+                "self_reports_trusted": verified / len(entries),
+                "other_pllms_reports_passing_the_check": forged / (len(entries) * (len(entries) - 1)),
+                "probe_vs_report_cosines": cosines} if own else {}),
             "basis_size": basis.size,
             "basis_words": basis.words,
             "residual_words": sorted(basis.residual_words),
@@ -189,6 +197,10 @@ def main() -> None:
         results["seconds"] = time.perf_counter() - t0  # written after every variant: a long run keeps what it has
         (out / f"selection_accuracy_{tag}.json").write_text(json.dumps(results, indent=2))
         _plot(results, out / f"selection_accuracy_{tag}.png", tag)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def _choices(label: dict, pllms: dict, users: list, gram) -> list[str]:
