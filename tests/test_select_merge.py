@@ -105,6 +105,9 @@ def test_drift_distance_is_the_distance_between_reconstructed_drifts():
     assert nearest(coefficient, coords, gram=vo @ vo.T).ids == (min(euclid, key=euclid.get),)
     with pytest.raises(ValueError, match="pass basis.gram"):
         nearest(user, coords, gram=np.eye(3))
+    # an empty basis (every drift zero): all distances 0, the first pLLM
+    empty = nearest(np.zeros(0), {"x": np.zeros(0), "y": np.zeros(0)}, gram=np.zeros((0, 0)))
+    assert empty.ids == ("x",) and empty.distances == {"x": 0.0, "y": 0.0}
     with pytest.raises(ValueError, match="symmetric"):
         nearest(user, coords, gram=np.triu(np.ones((4, 4))))
 

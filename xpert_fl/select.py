@@ -329,7 +329,7 @@ def _gram_factor(gram: np.ndarray, k: int) -> np.ndarray:
     g = np.asarray(gram, dtype=np.float64)
     if g.shape != (k, k):
         raise ValueError(f"Gram matrix has shape {g.shape}, the basis has {k} words: pass basis.gram")
-    if not np.isfinite(g).all() or not np.allclose(g, g.T, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(g).max())):
+    if not np.isfinite(g).all() or not np.allclose(g, g.T, rtol=1e-6, atol=1e-9 * max(1.0, np.abs(g).max(initial=0.0))):
         raise ValueError("Gram matrix must be finite and symmetric (basis.gram)")
     w, q = np.linalg.eigh(g)
     return q * np.sqrt(np.clip(w, 0.0, None))
