@@ -243,7 +243,7 @@ ROUTES = (  # (accuracy key, CI key, legend)
     ("accuracy", "ci95", "basis coordinates, Eq. 1 (L1)"),
     ("drift_distance_accuracy", "drift_distance_ci95", "basis coordinates, drift distance"),
     ("raw_l2_accuracy", "raw_l2_ci95", "raw drift vectors (L2)"),
-    ("self_reported_drift_accuracy", "self_reported_drift_ci95", "self-reported pLLM coordinates"),
+    ("self_reported_drift_accuracy", "self_reported_drift_ci95", "trusted self-reports (opt-in), drift distance"),
 )
 
 
