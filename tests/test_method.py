@@ -99,6 +99,19 @@ def test_whitening_rescales_each_dimension_by_the_calibration_spread(base, summa
         SummarizerConfig(calibration_texts=1)
 
 
+def test_pool_memo_overflow_recomputes(base, corpus, monkeypatch):
+    """When the memo is full it starts over, and a call still gets every pool it asked for."""
+    from xpert_fl import summarizer as summarizer_mod
+
+    s = Summarizer(base, SummarizerConfig(max_text_tokens=16, n_candidates=8, whiten=False))
+    texts = [x.response for x in corpus.neutral[:3]]
+    first = s._pooled([""] * 3, texts)
+    monkeypatch.setattr(summarizer_mod, "POOL_MEMO", 3)
+    again = s._pooled([""] * 4, [*texts, corpus.neutral[3].response])  # 3 memoized + 1 new > 3: cleared, all 4 pooled again
+    np.testing.assert_allclose(again[:3], first, atol=1e-5)
+    assert len(s._pools) == 4
+
+
 def test_a_device_drift_skips_candidate_words(base, summarizer, corpus):
     """Without candidates the pools run no slot prompt; the vector is the same."""
     samples = corpus.styles["friendly"][:2]

@@ -200,6 +200,7 @@ class Summarizer:
         todo = list(dict.fromkeys(k for k in keys if k not in self._pools))
         if len(self._pools) + len(todo) > POOL_MEMO:
             self._pools.clear()
+            todo = list(dict.fromkeys(keys))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for start in range(0, len(todo), self.config.batch_size):
             chunk = todo[start : start + self.config.batch_size]
