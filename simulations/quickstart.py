@@ -2,7 +2,7 @@
 
 1. The "cloud" fine-tunes one pLLM per style (similarity s) into a cache.
 2. The server probes and explains every pLLM in one common basis.
-3. Each user maps their own data onto the basis and picks the nearest pLLM (Eq. 1).
+3. Each user maps their own data onto the basis and picks the nearest pLLM (drift distance, the default).
 4. One user per style fine-tunes from the chosen pLLM and from scratch to the same target loss.
 
 Everything lands in one results folder (config, JSONL per user, CSV summary, PNG).
@@ -79,7 +79,7 @@ def run(cfg: QuickstartConfig) -> list[dict]:
         data = user_samples(roles["user"], style, cfg.user_samples, seed=cfg.seed)
         train, test = train_test_split(data, 0.25, seed=cfg.seed)
         mine = user_coordinates(base, summarizer, basis, train, probe)
-        choice = nearest(mine.coords, coords)
+        choice = nearest(mine.coords, coords, size=basis.size, gram=basis.metric("drift"))
         chosen = entries[choice.ids[0]]
         rows.append({"user_style": style, "chosen": chosen.id, "chosen_style": chosen.label,
                      "correct": chosen.label == style, "distance": choice.distance,
