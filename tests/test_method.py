@@ -107,7 +107,8 @@ def test_pool_memo_overflow_recomputes(base, corpus, monkeypatch):
     texts = [x.response for x in corpus.neutral[:3]]
     first = s._pooled([""] * 3, texts)
     monkeypatch.setattr(summarizer_mod, "POOL_MEMO", 3)
-    again = s._pooled([""] * 4, [*texts, corpus.neutral[3].response])  # 3 memoized + 1 new > 3: cleared, all 4 pooled again
+    # 3 memoized + 1 new > 3: the memo is cleared and all 4 are pooled again
+    again = s._pooled([""] * 4, [*texts, corpus.neutral[3].response])
     np.testing.assert_allclose(again[:3], first, atol=1e-5)
     assert len(s._pools) == 4
 
