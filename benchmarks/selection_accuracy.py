@@ -8,13 +8,19 @@ both on basis coordinates (the method) and on the raw drift vectors (what the ba
 
     python benchmarks/selection_accuracy.py --similarity 0.9 --out benchmarks/results
 
-Writes selection_accuracy_<corpus>_<sim>.json and .png. Probe/user generations are cached in the
-work dir, so re-running with other variants only pays for the summarizer.
+`--loss-oracle` also finds, per user, the pLLM with the lowest loss on the user's own texts (what
+exhaustive search would pick) and reports how often each route agrees with it: a "wrong" style can be
+the better model when a pLLM did not learn its own style. `--max-steps` (pLLM training) and
+`--max-new-tokens` (probe answer length) are the sensitivity knobs.
+
+Writes selection_accuracy_<corpus>_<sim>.json and .png. Probe/user generations (and oracle losses)
+are cached in the work dir, so re-running with other variants only pays for the summarizer.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -25,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from _common import cached_answers  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -34,7 +41,7 @@ from xpert_fl.chat import chat_prompt  # noqa: E402
 from xpert_fl.data import load_corpus, similarity_mixture, split_roles, user_samples  # noqa: E402
 from xpert_fl.evaluation import wilson  # noqa: E402
 from xpert_fl.explain import SELF_REPORT_MIN_COSINE, ProbeConfig, adapter_answers, trusted_drift  # noqa: E402
-from xpert_fl.finetune import FinetuneConfig  # noqa: E402
+from xpert_fl.finetune import IGNORE_INDEX, FinetuneConfig, collate, encode, length_batches, pad_token_id  # noqa: E402
 from xpert_fl.models import load_model  # noqa: E402
 from xpert_fl.probe import generate, probe_prompts  # noqa: E402
 from xpert_fl.production import build_cache  # noqa: E402
@@ -69,10 +76,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when sharing the CPU)")
     ap.add_argument("--max-seq-len", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=ProbeConfig.max_new_tokens, help="probe answer budget")
     ap.add_argument("--work", default="results/selection", help="generation cache")
     ap.add_argument("--cache", default=None, help="pLLM cache to build into / reuse (default: under --work)")
     ap.add_argument("--self-reported", type=int, default=24,
                     help="also score pLLM coordinates self-reported from this many of their training samples (0: off)")
+    ap.add_argument("--loss-oracle", action="store_true",
+                    help="also score choices against the pLLM with the lowest loss on each user's data")
     ap.add_argument("--paper-basis", action="store_true",
                     help="Algorithm 1 as published (no Gram-Schmidt, no residual completion)")
     ap.add_argument("--out", default="benchmarks/results")
@@ -94,7 +104,7 @@ def main() -> None:
     cache_dir = Path(args.cache) if args.cache else work / "cache"
     entries = build_cache(base, corpus, args.similarity, cache_dir, config, styles=args.styles, seed=args.seed)
     cache = PLLMCache(cache_dir)
-    probe = ProbeConfig()
+    probe = ProbeConfig(max_new_tokens=args.max_new_tokens)
     chat = bool(corpus.neutral[0].prompt)
 
     # probe prompts never seen by any pLLM in training nor written by any user
@@ -125,6 +135,9 @@ def main() -> None:
         own = [(e.label, 0, similarity_mixture(roles["cloud"], e.label, args.similarity, seed=args.seed)
                 [: args.self_reported]) for e in entries]
         own_refs = _user_references(base, own, probe, work, chat, name="own")
+
+    # the loss oracle: the pLLM that best predicts the user's own texts (what exhaustive search finds)
+    by_loss = _loss_choices(base, cache, entries, users, config, work) if args.loss_oracle else None
 
     results = {"config": vars(args), "n_users": len(users), "n_pllms": len(entries), "chance": 1 / len(entries),
                "variants": {}}
@@ -169,6 +182,12 @@ def main() -> None:
                     for k, (style, u, _) in enumerate(users)]
         hits = {r: sum(c == style for c, (style, _, _) in zip(cs, users, strict=True)) for r, cs in choices.items()}
         n = len(users)
+        if by_loss is not None:
+            for u, best in zip(per_user, by_loss, strict=True):
+                u["loss_oracle"] = best
+            oracle = {"loss_oracle_accuracy": sum(b == s for b, (s, _, _) in zip(by_loss, users, strict=True)) / n,
+                      **{f"{r}_agrees_with_loss_oracle": sum(map(str.__eq__, cs, by_loss)) / n
+                         for r, cs in choices.items()}}
         results["variants"][name] = {
             "accuracy": hits["basis"] / n,
             "ci95": wilson(hits["basis"], n),
@@ -185,6 +204,7 @@ def main() -> None:
                 "self_reports_trusted": verified / len(entries),
                 "other_pllms_reports_passing_the_check": forged / (len(entries) * (len(entries) - 1)),
                 "probe_vs_report_cosines": cosines} if own else {}),
+            **(oracle if by_loss is not None else {}),
             "basis_size": basis.size,
             "basis_words": basis.words,
             "residual_words": sorted(basis.residual_words),
@@ -206,6 +226,44 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def _choices(label: dict, pllms: dict, users: list, gram) -> list[str]:
     """The style of the pLLM each user picks (Eq. 1 when ``gram`` is None, else the drift distance)."""
     return [label[nearest(v, pllms, gram=gram).ids[0]] for v in users]
+
+
+def _loss_choices(base, cache, entries, users, config, work) -> list[str]:
+    """Per user, the style of the pLLM with the lowest token-weighted NLL on the user's own samples.
+
+    Per-sample (NLL, tokens) are stored in the work dir, so a re-run only evaluates new pLLMs/samples.
+    """
+    samples = {f"{s.prompt}\n{s.response}": s for _, _, ss in users for s in ss}
+    pad = pad_token_id(base.tokenizer)
+
+    def nlls(entry, keys):
+        model = cache.load_adapter(entry.id).to_peft(copy.deepcopy(base.model))
+        encoded = encode(base.tokenizer, [samples[k] for k in keys], config.max_seq_len)
+        return _sample_nlls(model, encoded, pad)
+
+    table = {e.label: cached_answers(work / f"loss_{e.id}.json", sorted(samples), lambda keys, e=e: nlls(e, keys))
+             for e in tqdm(entries, desc="loss oracle", leave=False)}
+    choices = []
+    for _, _, ss in users:
+        keys = [f"{s.prompt}\n{s.response}" for s in ss]
+        loss = {label: sum(t[k][0] for k in keys) / sum(t[k][1] for k in keys) for label, t in table.items()}
+        choices.append(min(loss, key=loss.get))
+    return choices
+
+
+@torch.no_grad()
+def _sample_nlls(model, encoded: list[dict], pad: int, batch_size: int = 8) -> list[list[float]]:
+    """[summed completion NLL, completion tokens] per encoded sample, batched by length."""
+    model.eval()
+    out: list[list[float]] = [[]] * len(encoded)
+    for idx in length_batches(encoded, batch_size):
+        batch = collate([encoded[i] for i in idx], pad)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none").sum(1)
+        for i, a, b in zip(idx, nll.tolist(), (labels != IGNORE_INDEX).sum(1).tolist(), strict=True):
+            out[i] = [a, b]
+    return out
 
 
 def _basis(summarizer: Summarizer, args) -> Basis:
