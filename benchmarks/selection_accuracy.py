@@ -31,7 +31,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from _common import cached_answers  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -41,7 +40,7 @@ from xpert_fl.chat import chat_prompt  # noqa: E402
 from xpert_fl.data import load_corpus, similarity_mixture, split_roles, user_samples  # noqa: E402
 from xpert_fl.evaluation import wilson  # noqa: E402
 from xpert_fl.explain import SELF_REPORT_MIN_COSINE, ProbeConfig, adapter_answers, trusted_drift  # noqa: E402
-from xpert_fl.finetune import IGNORE_INDEX, FinetuneConfig, collate, encode, length_batches, pad_token_id  # noqa: E402
+from xpert_fl.finetune import FinetuneConfig, collate, encode, length_batches, pad_token_id, row_nll  # noqa: E402
 from xpert_fl.models import load_model  # noqa: E402
 from xpert_fl.probe import generate, probe_prompts  # noqa: E402
 from xpert_fl.production import build_cache  # noqa: E402
@@ -257,11 +256,8 @@ def _sample_nlls(model, encoded: list[dict], pad: int, batch_size: int = 8) -> l
     model.eval()
     out: list[list[float]] = [[]] * len(encoded)
     for idx in length_batches(encoded, batch_size):
-        batch = collate([encoded[i] for i in idx], pad)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none").sum(1)
-        for i, a, b in zip(idx, nll.tolist(), (labels != IGNORE_INDEX).sum(1).tolist(), strict=True):
+        nll, n = row_nll(model, collate([encoded[i] for i in idx], pad))
+        for i, a, b in zip(idx, nll.tolist(), n.tolist(), strict=True):
             out[i] = [a, b]
     return out
 

@@ -28,7 +28,9 @@ from xpert_fl.finetune import (
     evaluate_loss,
     finetune,
     first_at_or_below,
+    pad_token_id,
     prepare_model,
+    row_nll,
     samples_to_target,
     target_from_scratch,
     with_target,
@@ -279,3 +281,18 @@ def test_protocol_on_a_real_style(base):
         base, train, test, FinetuneConfig(**{**cfg.to_json(), "target_loss": target}), start=scratch.adapter
     )
     assert cached.steps_to_target == 0 and cached.start_loss == pytest.approx(scratch.best_test_loss, abs=1e-5)
+
+
+@torch.no_grad()
+def test_row_nll_is_per_sample_and_sums_to_the_evaluation_loss(base, data):
+    """Per-row losses of a padded batch equal each sample's loss alone (what a per-user loss needs)."""
+    samples = [*data[0][:2], *data[1]]
+    encoded = encode(base.tokenizer, samples, TINY.max_seq_len)
+    pad = pad_token_id(base.tokenizer)
+    nll, n = row_nll(base.model, collate(encoded, pad))
+    alone = [row_nll(base.model, collate([e], pad)) for e in encoded]
+    torch.testing.assert_close(nll, torch.cat([a for a, _ in alone]), rtol=1e-4, atol=1e-3)
+    labelled = [sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in encoded]
+    assert n.tolist() == [int(b) for _, b in alone] == labelled
+    mean = evaluate_loss(base.model, base.tokenizer, samples, TINY)
+    assert float(nll.sum() / n.sum()) == pytest.approx(mean, rel=1e-4)

@@ -231,15 +231,19 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 # --- loss --------------------------------------------------------------------------------------
-def _nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over labelled tokens (fp32) and their count."""
+def row_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: summed next-token NLL over labelled tokens (fp32) and their count (per-sample losses)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return total, int((labels != IGNORE_INDEX).sum())
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none").sum(1)
+    return nll, (labels != IGNORE_INDEX).sum(1)
+
+
+def _nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over labelled tokens (fp32) and their count."""
+    nll, n = row_nll(model, batch)
+    return nll.sum(), int(n.sum())
 
 
 def length_batches(encoded: Sequence[dict], batch_size: int) -> list[list[int]]:
