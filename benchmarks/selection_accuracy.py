@@ -215,7 +215,7 @@ def main() -> None:
         print(json.dumps({name: {k: v for k, v in results["variants"][name].items() if k != "per_user"}}), flush=True)
         results["seconds"] = time.perf_counter() - t0  # written after every variant: a long run keeps what it has
         (out / f"selection_accuracy_{tag}.json").write_text(json.dumps(results, indent=2))
-        _plot(results, out / f"selection_accuracy_{tag}.png", tag)
+        plot_accuracy(results, out / f"selection_accuracy_{tag}.png", tag)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -301,7 +301,8 @@ ROUTES = (  # (accuracy key, CI key, legend)
 )
 
 
-def _plot(results: dict, path: Path, tag: str) -> None:
+def plot_accuracy(results: dict, path: Path, tag: str) -> None:
+    """Grouped bars: accuracy per route (with 95% CI) for each entry of ``results["variants"]``."""
     names = list(results["variants"])
     routes = [r for r in ROUTES if all(r[0] in results["variants"][n] for n in names)]
     fig, ax = plt.subplots(figsize=(2.4 + 2.2 * len(names), 4.2))
