@@ -82,6 +82,9 @@ def main() -> None:
                     help="also score pLLM coordinates self-reported from this many of their training samples (0: off)")
     ap.add_argument("--loss-oracle", action="store_true",
                     help="also score choices against the pLLM with the lowest loss on each user's data")
+    ap.add_argument("--human-offset", type=float, default=0.0, metavar="ALPHA",
+                    help="also score users' drifts minus ALPHA x the drift of the corpus's neutral human answers "
+                         "to the probe prompts (human-written vs generated text offset; 0: off)")
     ap.add_argument("--paper-basis", action="store_true",
                     help="Algorithm 1 as published (no Gram-Schmidt, no residual completion)")
     ap.add_argument("--out", default="benchmarks/results")
@@ -158,6 +161,9 @@ def main() -> None:
             "raw": (raw, user_drifts, None),
             "raw_l2": (raw, user_drifts, np.eye(summarizer.dim)),
         }
+        if args.human_offset:
+            h = _human_offset(summarizer, roles["test"], prompts, base_answers, contexts)
+            routes["offset_l2"] = (raw, [v - args.human_offset * h for v in user_drifts], np.eye(summarizer.dim))
         if own:
             # each pLLM's uploader reports the drift of its training data; the server trusts a report as
             # PLLMServer.ingest does (trusted_drift: cosine with its own probe drift), else keeps the probe
@@ -203,6 +209,8 @@ def main() -> None:
                 "self_reports_trusted": verified / len(entries),
                 "other_pllms_reports_passing_the_check": forged / (len(entries) * (len(entries) - 1)),
                 "probe_vs_report_cosines": cosines} if own else {}),
+            **({"human_offset_accuracy": hits["offset_l2"] / n, "human_offset_ci95": wilson(hits["offset_l2"], n)}
+               if args.human_offset else {}),
             **(oracle if by_loss is not None else {}),
             "basis_size": basis.size,
             "basis_words": basis.words,
@@ -225,6 +233,20 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def _choices(label: dict, pllms: dict, users: list, gram) -> list[str]:
     """The style of the pLLM each user picks (Eq. 1 when ``gram`` is None, else the drift distance)."""
     return [label[nearest(v, pllms, gram=gram).ids[0]] for v in users]
+
+
+def _human_offset(summarizer: Summarizer, test, prompts, base_answers, contexts) -> np.ndarray:
+    """Drift of human-written neutral answers from the base's answers to the same probe prompts.
+
+    Users' drifts compare human text with generated text, pLLMs' drifts generated with generated; this
+    vector estimates the part of a user's drift that comes from the text being human-written.
+    """
+    neutral = {s.prompt: s.response for s in test.neutral}
+    rows = [(b, neutral[p], c) for p, b, c in zip(prompts, base_answers, contexts, strict=True) if p in neutral]
+    if not rows:
+        raise SystemExit("--human-offset needs probe prompts with neutral answers in the corpus (--probes test)")
+    refs, texts, ctx = map(list, zip(*rows, strict=True))
+    return summarizer.drift(_nonempty(refs), texts, ctx, candidates=False).vector
 
 
 def _loss_choices(base, cache, entries, users, config, work) -> list[str]:
@@ -297,6 +319,7 @@ ROUTES = (  # (accuracy key, CI key, legend)
     ("accuracy", "ci95", "basis coordinates, Eq. 1 (L1)"),
     ("drift_distance_accuracy", "drift_distance_ci95", "basis coordinates, drift distance"),
     ("raw_l2_accuracy", "raw_l2_ci95", "raw drift vectors (L2)"),
+    ("human_offset_accuracy", "human_offset_ci95", "raw drift, users minus human offset (L2)"),
     ("self_reported_drift_accuracy", "self_reported_drift_ci95", "trusted self-reports (opt-in), drift distance"),
 )
 
