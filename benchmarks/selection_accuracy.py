@@ -254,7 +254,8 @@ def _loss_choices(base, cache, entries, users, config, work) -> list[str]:
 
     Per-sample (NLL, tokens) are stored in the work dir, so a re-run only evaluates new pLLMs/samples.
     """
-    samples = {f"{s.prompt}\n{s.response}": s for _, _, ss in users for s in ss}
+    key = "{0.prompt}\n{0.response}".format  # one sample -> its row in the loss store
+    samples = {key(s): s for _, _, ss in users for s in ss}
     pad = pad_token_id(base.tokenizer)
 
     def nlls(entry, keys):
@@ -266,7 +267,7 @@ def _loss_choices(base, cache, entries, users, config, work) -> list[str]:
              for e in tqdm(entries, desc="loss oracle", leave=False)}
     choices = []
     for _, _, ss in users:
-        keys = [f"{s.prompt}\n{s.response}" for s in ss]
+        keys = [key(s) for s in ss]
         loss = {label: sum(t[k][0] for k in keys) / sum(t[k][1] for k in keys) for label, t in table.items()}
         choices.append(min(loss, key=loss.get))
     return choices
