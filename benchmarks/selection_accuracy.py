@@ -13,6 +13,11 @@ exhaustive search would pick) and reports how often each route agrees with it: a
 the better model when a pLLM did not learn its own style. `--max-steps` (pLLM training) and
 `--max-new-tokens` (probe answer length) are the sensitivity knobs.
 
+Users' drifts are moved onto the pLLMs' footing as the product does: the basis carries the server's
+human offset ``h`` (the drift of the test role's neutral human answers, `explain.human_references`)
+and devices remove `--human-weight` of it (`Basis.user_coordinates`). `--fit-weight` sweeps that
+weight, picks it on the users of the first half of the shuffles and scores it on the second half.
+
 Writes selection_accuracy_<corpus>_<sim>.json and .png. Probe/user generations (and oracle losses)
 are cached in the work dir, so re-running with other variants only pays for the summarizer.
 """
@@ -34,12 +39,19 @@ import torch  # noqa: E402
 from _common import cached_answers  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from xpert_fl.basis import Basis, report  # noqa: E402
+from xpert_fl.basis import HUMAN_WEIGHT, Basis, report  # noqa: E402
 from xpert_fl.cache import PLLMCache  # noqa: E402
 from xpert_fl.chat import chat_prompt  # noqa: E402
 from xpert_fl.data import load_corpus, similarity_mixture, split_roles, user_samples  # noqa: E402
 from xpert_fl.evaluation import wilson  # noqa: E402
-from xpert_fl.explain import SELF_REPORT_MIN_COSINE, ProbeConfig, adapter_answers, trusted_drift  # noqa: E402
+from xpert_fl.explain import (  # noqa: E402
+    SELF_REPORT_MIN_COSINE,
+    ProbeConfig,
+    adapter_answers,
+    human_references,
+    trusted_drift,
+    user_drift,
+)
 from xpert_fl.finetune import FinetuneConfig, collate, encode, length_batches, pad_token_id, row_nll  # noqa: E402
 from xpert_fl.models import load_model  # noqa: E402
 from xpert_fl.probe import generate, probe_prompts  # noqa: E402
@@ -82,9 +94,10 @@ def main() -> None:
                     help="also score pLLM coordinates self-reported from this many of their training samples (0: off)")
     ap.add_argument("--loss-oracle", action="store_true",
                     help="also score choices against the pLLM with the lowest loss on each user's data")
-    ap.add_argument("--human-offset", type=float, default=0.0, metavar="ALPHA",
-                    help="also score users' drifts minus ALPHA x the drift of the corpus's neutral human answers "
-                         "to the probe prompts (human-written vs generated text offset; 0: off)")
+    ap.add_argument("--human-weight", type=float, default=HUMAN_WEIGHT,
+                    help="share of the human-vs-generated text offset users remove (Basis.human_weight; 0: none)")
+    ap.add_argument("--fit-weight", action="store_true",
+                    help="sweep the human weight: fit on the first half of the user shuffles, score on the rest")
     ap.add_argument("--paper-basis", action="store_true",
                     help="Algorithm 1 as published (no Gram-Schmidt, no residual completion)")
     ap.add_argument("--out", default="benchmarks/results")
@@ -119,8 +132,14 @@ def main() -> None:
         got = cached_answers(work / f"probe_{name}.json", prompts, generate_missing)
         return [got[p] for p in prompts]
 
-    base_answers = answers("base", lambda todo: generate(
-        base.model, base.tokenizer, todo, probe.max_new_tokens, probe.batch_size, chat=chat))
+    def base_texts(todo: list[str], chat_turn: bool) -> list[str]:  # a BaseAnswers over the probe store
+        assert chat_turn == chat, "one corpus is all chat or all plain text"
+        got = cached_answers(work / "probe_base.json", todo, lambda missing: generate(
+            base.model, base.tokenizer, missing, probe.max_new_tokens, probe.batch_size, chat=chat))
+        return [got[p] for p in todo]
+
+    base_answers = base_texts(prompts, chat)
+    references = human_references(roles["test"], prompts)
     pllm_answers = {e.id: answers(e.id, lambda todo, e=e: adapter_answers(
         base, cache.load_adapter(e.id), todo, probe, chat=chat)) for e in tqdm(entries, desc="probe")}
 
@@ -154,16 +173,17 @@ def main() -> None:
         raw = {i: d.vector for i, d in drifts.items()}
         user_drifts = [summarizer.drift(*triple, candidates=False).vector
                        for triple in tqdm(user_refs, desc=f"{name}: users", leave=False)]
-        mine = [basis.coordinates(v) for v in user_drifts]
+        # the server's human offset, measured as a device measures its drift (Explainer.human_offset)
+        h = user_drift(base, summarizer, references, probe, base_answers=base_texts).vector
+        basis.set_human_offset(h, args.human_weight)
+        mine = [basis.user_coordinates(v) for v in user_drifts]
         routes = {  # route -> (the pLLMs' vectors, the users' vectors, Gram matrix: None = L1, Eq. 1)
             "basis": (coords, mine, None),
             "basis_drift": (coords, mine, basis.gram),
+            "no_offset_drift": (coords, [basis.coordinates(v) for v in user_drifts], basis.gram),
             "raw": (raw, user_drifts, None),
             "raw_l2": (raw, user_drifts, np.eye(summarizer.dim)),
         }
-        if args.human_offset:
-            h = _human_offset(summarizer, roles["test"], prompts, base_answers, contexts)
-            routes["offset_l2"] = (raw, [v - args.human_offset * h for v in user_drifts], np.eye(summarizer.dim))
         if own:
             # each pLLM's uploader reports the drift of its training data; the server trusts a report as
             # PLLMServer.ingest does (trusted_drift: cosine with its own probe drift), else keeps the probe
@@ -171,15 +191,18 @@ def main() -> None:
                        for e, t in zip(entries, own_refs, strict=True)}
             checked = {i: trusted_drift(drifts[i], reports[i], summarizer) for i in drifts}
             cosines = {label[i]: {label[j]: _cosine(drifts[i].vector, reports[j]) for j in reports} for i in drifts}
-            own_drift = {i: d.vector for i, (d, _) in checked.items()}
+            # as PLLMServer: a trusted report embeds human text, so it goes on the users' footing too
+            own_drift = {i: d.vector if d is drifts[i] else basis.user_vector(d.vector)
+                         for i, (d, _) in checked.items()}
             own_basis = _basis(summarizer, args)
-            for d, _ in checked.values():
-                own_basis.decompose(d.vector, d.candidates, summarizer.subvector)
+            own_basis.set_human_offset(h, args.human_weight)
+            for i, (d, _) in checked.items():
+                own_basis.decompose(own_drift[i], d.candidates, summarizer.subvector)
             own_coords = dict(zip(own_drift, own_basis.project_all(list(own_drift.values())), strict=True))
             verified = sum(d is not drifts[i] for i, (d, _) in checked.items())
             # a forged report (another pLLM's) that the same check would have let through
             forged = sum(c >= SELF_REPORT_MIN_COSINE for i, row in cosines.items() for j, c in row.items() if i != j)
-            own_mine = [own_basis.coordinates(v) for v in user_drifts]
+            own_mine = [own_basis.user_coordinates(v) for v in user_drifts]
             routes["self"] = (own_coords, own_mine, None)
             routes["self_drift"] = (own_coords, own_mine, own_basis.gram)
         choices = {r: _choices(label, *spec) for r, spec in routes.items()}
@@ -198,6 +221,12 @@ def main() -> None:
             "ci95": wilson(hits["basis"], n),
             "drift_distance_accuracy": hits["basis_drift"] / n,
             "drift_distance_ci95": wilson(hits["basis_drift"], n),
+            "no_offset_drift_accuracy": hits["no_offset_drift"] / n,
+            "no_offset_drift_ci95": wilson(hits["no_offset_drift"], n),
+            "human_weight": args.human_weight,
+            "human_offset_norm_ratio": float(np.linalg.norm(h) / np.mean([np.linalg.norm(v) for v in user_drifts])),
+            **({"weight_fit": _fit_weight(label, coords, basis, user_drifts, h, users, args)}
+               if args.fit_weight else {}),
             "raw_drift_accuracy": hits["raw"] / n,
             "raw_ci95": wilson(hits["raw"], n),
             "raw_l2_accuracy": hits["raw_l2"] / n,
@@ -209,8 +238,6 @@ def main() -> None:
                 "self_reports_trusted": verified / len(entries),
                 "other_pllms_reports_passing_the_check": forged / (len(entries) * (len(entries) - 1)),
                 "probe_vs_report_cosines": cosines} if own else {}),
-            **({"human_offset_accuracy": hits["offset_l2"] / n, "human_offset_ci95": wilson(hits["offset_l2"], n)}
-               if args.human_offset else {}),
             **(oracle if by_loss is not None else {}),
             "basis_size": basis.size,
             "basis_words": basis.words,
@@ -235,18 +262,30 @@ def _choices(label: dict, pllms: dict, users: list, gram) -> list[str]:
     return [label[nearest(v, pllms, gram=gram).ids[0]] for v in users]
 
 
-def _human_offset(summarizer: Summarizer, test, prompts, base_answers, contexts) -> np.ndarray:
-    """Drift of human-written neutral answers from the base's answers to the same probe prompts.
+WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
 
-    Users' drifts compare human text with generated text, pLLMs' drifts generated with generated; this
-    vector estimates the part of a user's drift that comes from the text being human-written.
-    """
-    neutral = {s.prompt: s.response for s in test.neutral}
-    rows = [(b, neutral[p], c) for p, b, c in zip(prompts, base_answers, contexts, strict=True) if p in neutral]
-    if not rows:
-        raise SystemExit("--human-offset needs probe prompts with neutral answers in the corpus (--probes test)")
-    refs, texts, ctx = map(list, zip(*rows, strict=True))
-    return summarizer.drift(_nonempty(refs), texts, ctx, candidates=False).vector
+
+def _fit_weight(label, coords, basis: Basis, user_drifts, h, users, args) -> dict:
+    """Drift-distance accuracy per human weight on two halves of the users (shuffles < user_seeds/2 fit,
+    the rest held out); the weight that fits best, and how it does on users it was not fitted on."""
+    fit = [int(name.split(".")[0]) < args.user_seeds // 2 for _, name, _ in users]
+    if all(fit) or not any(fit):
+        raise SystemExit("--fit-weight needs --user-seeds >= 2 (one half to fit on, one to score)")
+    styles = [style for style, _, _ in users]
+
+    def accuracy(weight: float, half: bool) -> float:
+        picks = [(c, s) for c, s, f in zip(
+            _choices(label, coords, [basis.coordinates(v - weight * h) for v in user_drifts], basis.gram),
+            styles, fit, strict=True) if f == half]
+        return sum(c == s for c, s in picks) / len(picks)
+
+    sweep = {w: {"fit": accuracy(w, True), "held_out": accuracy(w, False)} for w in WEIGHTS}
+    best = max(WEIGHTS, key=lambda w: (sweep[w]["fit"], -w))  # ties: the smaller weight
+    held = sum(not f for f in fit)
+    return {"weights": sweep, "fitted_weight": best, "held_out_users": held,
+            "held_out_accuracy": sweep[best]["held_out"],
+            "held_out_ci95": wilson(round(sweep[best]["held_out"] * held), held),
+            "held_out_accuracy_without_offset": sweep[0.0]["held_out"]}
 
 
 def _loss_choices(base, cache, entries, users, config, work) -> list[str]:
@@ -318,9 +357,9 @@ def _nonempty(texts):
 
 ROUTES = (  # (accuracy key, CI key, legend)
     ("accuracy", "ci95", "basis coordinates, Eq. 1 (L1)"),
-    ("drift_distance_accuracy", "drift_distance_ci95", "basis coordinates, drift distance"),
+    ("drift_distance_accuracy", "drift_distance_ci95", "basis coordinates, drift distance (default)"),
+    ("no_offset_drift_accuracy", "no_offset_drift_ci95", "drift distance, users without the human offset"),
     ("raw_l2_accuracy", "raw_l2_ci95", "raw drift vectors (L2)"),
-    ("human_offset_accuracy", "human_offset_ci95", "raw drift, users minus human offset (L2)"),
     ("self_reported_drift_accuracy", "self_reported_drift_ci95", "trusted self-reports (opt-in), drift distance"),
 )
 

@@ -21,10 +21,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from xpert_fl.basis import report  # noqa: E402
+from xpert_fl.basis import HUMAN_WEIGHT, report  # noqa: E402
 from xpert_fl.cache import PLLMCache  # noqa: E402
 from xpert_fl.data import load_corpus, split_roles, train_test_split, user_samples  # noqa: E402
-from xpert_fl.explain import Explainer, ProbeConfig, explain_cache, open_basis, user_coordinates  # noqa: E402
+from xpert_fl.explain import (  # noqa: E402
+    Explainer,
+    ProbeConfig,
+    calibrate_users,
+    explain_cache,
+    human_references,
+    open_basis,
+    user_coordinates,
+)
 from xpert_fl.finetune import FinetuneConfig, finetune, target_from_scratch, with_target  # noqa: E402
 from xpert_fl.models import DEFAULT_SPEC, load_model  # noqa: E402
 from xpert_fl.probe import probe_prompts  # noqa: E402
@@ -41,6 +49,7 @@ class QuickstartConfig:
     similarity: float = 0.9
     pllm_steps: int = 16
     probe_prompts: int = 8
+    human_weight: float = HUMAN_WEIGHT  # share of the human-text offset devices remove (Basis.human_weight)
     user_samples: int = 12
     user_steps: int = 16
     max_seq_len: int = 128
@@ -69,7 +78,9 @@ def run(cfg: QuickstartConfig) -> list[dict]:
     probe = ProbeConfig()
     basis = open_basis(cache.root, summarizer, tau_orth=0.1, tau_res=0.2, orthogonalize=True)
     prompts = probe_prompts(cfg.probe_prompts, roles["test"], seed=cfg.seed)
-    decs = explain_cache(cache, Explainer(base, summarizer, prompts, probe), basis)
+    explainer = Explainer(base, summarizer, prompts, probe)
+    calibrate_users(basis, explainer, human_references(roles["test"], prompts), cfg.human_weight)
+    decs = explain_cache(cache, explainer, basis)
     entries = {e.id: e for e in cache.entries()}
     coords = {i: e.coords for i, e in entries.items()}
 

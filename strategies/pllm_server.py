@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from xpert_fl.adapters import Adapter, validate_adapter
-from xpert_fl.basis import Basis
+from xpert_fl.basis import HUMAN_WEIGHT, Basis
 from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
 from xpert_fl.data import load_corpus, split_roles
 from xpert_fl.explain import (
@@ -28,7 +28,9 @@ from xpert_fl.explain import (
     Explainer,
     ProbeConfig,
     _nonempty,
+    calibrate_users,
     explain_cache,
+    human_references,
     offered_coordinates,
     open_basis,
     trusted_drift,
@@ -81,6 +83,7 @@ class PLLMServer:
         orthogonalize: bool = True,
         complete_basis: bool = True,
         max_candidates: int = 64,
+        human_weight: float = HUMAN_WEIGHT,
         seed: int = 0,
     ) -> PLLMServer:
         """Load the models (once), open or create the cache and its basis, explain what is unexplained.
@@ -88,14 +91,18 @@ class PLLMServer:
         Probe prompts come from the corpus's *test* role, disjoint from every user's data, topped up
         from the built-in probe set when more are asked for (``probe.probe_prompts``).
         ``max_candidates``: candidate words Algorithm 1 may examine per pLLM (each costs one forward).
+        ``human_weight``: the share of the human-text offset devices remove (``Basis.human_weight``),
+        the offset measured on the test role's neutral answers to the probe prompts.
         """
         base = load_model(model)
         summ_model = base if summarizer == model else load_model(summarizer)
         summ = Summarizer(summ_model, SummarizerConfig(n_candidates=max_candidates))
         cache = PLLMCache(cache_dir, BaseInfo.from_loaded(base))
         basis = open_basis(cache.root, summ, tau_orth, tau_res, orthogonalize, complete_basis)
-        prompts = probe_prompts(num_probe_prompts, split_roles(load_corpus(corpus), seed=seed)["test"], seed=seed)
+        test = split_roles(load_corpus(corpus), seed=seed)["test"]
+        prompts = probe_prompts(num_probe_prompts, test, seed=seed)
         server = cls(cache, basis, Explainer(base, summ, prompts, probe or ProbeConfig()))
+        calibrate_users(basis, server.explainer, human_references(test, prompts), human_weight)
         server.explain_pending()
         return server
 
@@ -181,4 +188,6 @@ class PLLMServer:
         used, cosine = trusted_drift(probe, vector, mine, math.inf if min_cosine is None else min_cosine)
         if used is probe:
             return probe, "probe", f"rejected: cosine {cosine:.2f} with the probe drift"
-        return used, "self-report", f"trusted: cosine {cosine:.2f} with the probe drift"
+        # a report embeds human text, as a device's own drift does: both go on the pLLMs' footing
+        on_footing = Drift(self.basis.user_vector(used.vector).astype(np.float32), used.candidates, used.probabilities)
+        return on_footing, "self-report", f"trusted: cosine {cosine:.2f} with the probe drift"

@@ -4,8 +4,9 @@ One round, per device (message type -> records in its ``RecordDict``)::
 
     server -> device  query.register   (once per run) config "register"
     device -> server                   config "user": opaque user id (+ evaluation label)
-    server -> device  query.select     XPerT: arrays "basis" (k x d sub-vectors), arrays "coords" (n x k),
-                                       config "select": pLLM ids, words, summarizer, delta, probe settings
+    server -> device  query.select     XPerT: arrays "basis" (k x d sub-vectors, d human offset), arrays
+                                       "coords" (n x k), config "select": pLLM ids, words, summarizer,
+                                       human weight, delta, probe settings
                                        a baseline (run-config ``selection``): config "offer": method, ids,
                                        seed, budget; + "offer-<i>" adapters (exhaustive, bo, hyperband),
                                        or arrays "embeddings" (text-encoder), or labels (oracle)
@@ -169,6 +170,7 @@ def select_request(req: SelectRequest) -> RecordDict:
         "orthogonalize": b.orthogonalize,
         "complete": b.complete,
         "residual_words": sorted(b.residual_words),
+        "human_weight": b.human_weight,
         "delta": req.delta,  # may be Infinity (no merging): JSON with allow_nan
         "max_parents": req.max_parents,
         "probe": req.probe,
@@ -176,7 +178,8 @@ def select_request(req: SelectRequest) -> RecordDict:
     }
     return RecordDict(
         {
-            "basis": ArrayRecord({"vectors": Array(np.ascontiguousarray(b.vectors, dtype=np.float32))}),
+            "basis": ArrayRecord({"vectors": Array(np.ascontiguousarray(b.vectors, dtype=np.float32)),
+                                  **({} if b.human_offset is None else {"human_offset": Array(b.human_offset)})}),
             "coords": ArrayRecord({"coords": Array(coords)}),
             "select": ConfigRecord({"meta": json.dumps(meta)}),
         }
@@ -188,7 +191,9 @@ def parse_select_request(content: RecordDict) -> SelectRequest:
     if not isinstance(meta, dict):
         raise ProtocolError("select meta must be a JSON object")
     try:
-        vectors = _arrays(content, "basis")["vectors"].numpy()
+        arrays = _arrays(content, "basis")
+        vectors = arrays["vectors"].numpy()
+        offset = arrays["human_offset"].numpy() if "human_offset" in arrays else None
         coords = _arrays(content, "coords")["coords"].numpy()
         basis = Basis(
             dim=int(meta["dim"]),
@@ -200,6 +205,8 @@ def parse_select_request(content: RecordDict) -> SelectRequest:
             orthogonalize=bool(meta["orthogonalize"]),
             complete=bool(meta.get("complete", False)),
             residual_words=set(meta.get("residual_words", [])),
+            human_offset=offset,
+            human_weight=float(meta.get("human_weight", 0.0)),
         )
         ids = tuple(str(i) for i in meta["ids"])
         if coords.shape != (len(ids), basis.size):

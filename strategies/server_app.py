@@ -44,6 +44,7 @@ def main(grid: Grid, context: Context) -> None:
         orthogonalize=cfg.orthogonalize,
         complete_basis=cfg.complete_basis,
         max_candidates=cfg.max_candidates,
+        human_weight=cfg.human_weight,
         seed=cfg.seed,
     )
     writer.start(server)

@@ -458,3 +458,42 @@ def test_selection_metric_of_a_basis():
     np.testing.assert_allclose(b.metric("drift"), v.astype(np.float64) @ v.T.astype(np.float64), rtol=1e-12)
     with pytest.raises(ValueError, match="distance must be one of"):
         b.metric("cosine")
+
+
+def test_human_offset_moves_only_the_users_side_and_survives_save_load(tmp_path):
+    """``user_coordinates`` is Eq. 2 of ``e - α·h`` (so, Eq. 2 being linear, ``c(e) - α·c(h)``); pLLM-side
+    ``coordinates`` ignore it; h and α round-trip through the file; an offset at weight 0 shifts nothing."""
+    b, w = _built(orthogonalize=True)
+    e, h = w.embedding()[0], w.rng.normal(size=D).astype(np.float32)
+    assert b.human_offset is None and b.human_weight == 0.0
+    np.testing.assert_array_equal(b.user_coordinates(e), b.coordinates(e))
+    plain = b.coordinates(e)
+    b.set_human_offset(h, 0.4)
+    np.testing.assert_array_equal(b.coordinates(e), plain)
+    np.testing.assert_allclose(b.user_vector(e), e - 0.4 * h.astype(np.float64), rtol=1e-12)
+    np.testing.assert_allclose(b.user_coordinates(e), plain - 0.4 * b.coordinates(h), rtol=1e-9, atol=1e-12)
+    assert np.abs(b.user_coordinates(e) - plain).max() > 1e-3  # the shift is not negligible here
+    got = Basis.load(b.save(tmp_path / "basis.safetensors"))
+    assert got.human_weight == 0.4 and got.human_offset.dtype == np.float32
+    np.testing.assert_array_equal(got.human_offset, h)
+    np.testing.assert_array_equal(got.user_coordinates(e), b.user_coordinates(e))
+    got.set_human_offset(got.human_offset, 0.0)  # kept, not applied
+    np.testing.assert_array_equal(got.user_coordinates(e), plain)
+    assert Basis.load(got.save(tmp_path / "basis.safetensors")).human_offset is not None
+
+
+@pytest.mark.parametrize("offset, weight, match", [
+    (np.ones(5), 0.4, r"human offset has shape \(5,\)"),
+    (np.full(4, np.nan), 0.4, "human offset contains NaN"),
+    (None, 0.4, "needs a human offset vector"),
+    (np.ones(4), -0.1, "finite number >= 0"),
+    (np.ones(4), np.nan, "finite number >= 0"),
+])
+def test_bad_human_offset_is_refused_and_changes_nothing(offset, weight, match):
+    b = Basis(dim=4, words=["a"], vectors=np.eye(1, 4))
+    b.set_human_offset(np.full(4, 0.5), 0.2)
+    with pytest.raises(BasisError, match=match):
+        b.set_human_offset(offset, weight)
+    assert b.human_weight == 0.2 and np.array_equal(b.human_offset, np.full(4, 0.5, np.float32))
+    with pytest.raises(BasisError, match=match):
+        Basis(dim=4, human_offset=offset, human_weight=weight)

@@ -9,15 +9,19 @@ import pytest
 from xpert_fl.basis import Basis, BasisError
 from xpert_fl.cache import BaseInfo, PLLMCache
 from xpert_fl.chat import chat_prompt
-from xpert_fl.data import Sample, load_corpus
+from xpert_fl.data import Sample, load_corpus, split_roles
 from xpert_fl.explain import (
     BASIS_FILE,
     Explainer,
     ProbeConfig,
+    calibrate_users,
     explain_cache,
+    human_references,
     open_basis,
     user_coordinates,
+    user_drift,
 )
+from xpert_fl.probe import probe_prompts
 from xpert_fl.finetune import FinetuneConfig, finetune
 from xpert_fl.layerwise import LayerwiseRunner
 from xpert_fl.select import Choice, select
@@ -184,3 +188,39 @@ def test_prompt_less_user_data_uses_base_continuations(base, summarizer):
     basis = Basis(dim=summarizer.dim, summarizer=summarizer.fingerprint)
     mine = user_coordinates(base, summarizer, basis, plain.styles["tweet"][:2], PROBE)
     assert mine.coords.shape == (0,) and np.isfinite(mine.drift.vector).all()
+
+
+def test_human_offset_is_a_neutral_writers_drift_and_devices_remove_its_share(base, summarizer, corpus):
+    """The server measures h once, as a device would measure a neutral human writer's drift (on the test
+    role's neutral answers to the probe prompts, reusing the base's probe answers); the basis keeps it
+    when the weight changes; a device's coordinates are Eq. 2 of its drift minus weight x h."""
+    test = split_roles(corpus)["test"]
+    prompts = probe_prompts(3, test)
+    refs = human_references(test, prompts)
+    assert [r.prompt for r in refs] == prompts and all(r in test.neutral for r in refs)
+    explainer = Explainer(base, summarizer, prompts, PROBE)
+    h = explainer.human_offset(refs)
+    np.testing.assert_allclose(h, user_drift(base, summarizer, refs, PROBE).vector, rtol=1e-4, atol=1e-5)
+    assert np.linalg.norm(h) > 0
+
+    rng = np.random.default_rng(0)
+    basis = Basis(dim=summarizer.dim, words=["a", "b"], vectors=rng.normal(size=(2, summarizer.dim)),
+                  summarizer=summarizer.fingerprint)
+    calibrate_users(basis, explainer, refs, 0.4)
+    np.testing.assert_allclose(basis.human_offset, h, rtol=1e-6)
+    explainer.human_offset = None  # measured once per basis: a new weight must not measure again
+    calibrate_users(basis, explainer, [], 0.7)
+    assert basis.human_weight == 0.7
+    samples = corpus.styles["poetic"][20:22]
+    mine = user_coordinates(base, summarizer, basis, samples, PROBE)
+    np.testing.assert_allclose(mine.coords, basis.coordinates(mine.drift.vector - 0.7 * h), rtol=1e-5, atol=1e-6)
+
+    fresh = Basis(dim=summarizer.dim, summarizer=summarizer.fingerprint)
+    calibrate_users(fresh, explainer, [], 0.0)  # no weight: nothing measured, no offset
+    assert fresh.human_offset is None
+    with pytest.raises(ValueError, match="neutral human reference texts"):
+        calibrate_users(fresh, explainer, [], 0.4)
+    with pytest.raises(BasisError, match="summarizer"):
+        calibrate_users(Basis(dim=summarizer.dim, summarizer="another"), explainer, refs, 0.4)
+    plain = split_roles(load_corpus("builtin-plain"))["test"]
+    assert human_references(plain, prompts) == list(plain.neutral[:3])  # prompt-less: as many texts as prompts

@@ -384,6 +384,14 @@ def test_self_reports_explain_an_upload_only_when_they_agree_with_the_probe(tmp_
     drifts = load_drifts(tmp_path / "cache" / DRIFTS_FILE)
     np.testing.assert_allclose(drifts[records[5].new_id], reports[5][0], rtol=1e-6)
     np.testing.assert_allclose(drifts[records[6].new_id], probe[6], rtol=1e-6)
+    # with a human offset, a trusted report (human text, as a device's data) goes on the users' footing
+    shifted = make_server(tmp_path / "shifted", n_initial=0)
+    h = np.random.default_rng(1).normal(size=DIM).astype(np.float32)
+    shifted.basis.set_human_offset(h, 0.4)
+    done = shifted.ingest(adapter(5), [], {}, None, reports[5])
+    assert done.explained_by == "self-report"
+    stored = load_drifts(tmp_path / "shifted" / "cache" / DRIFTS_FILE)[done.entry.id]
+    np.testing.assert_allclose(stored, reports[5][0] - 0.4 * h, rtol=1e-5, atol=1e-6)
     # self-reports off (the default): the server never trusts one
     off = XPerTStrategy(cfg(num_server_rounds=1, self_reports=False), make_server(tmp_path / "off", n_initial=0))
     done = off.server.ingest(adapter(5), [], {}, None, reports[5], None)
@@ -403,6 +411,15 @@ def test_protocol_round_trips_and_hides_distances():
     msg = wire(Message(protocol.select_request(req), dst_node_id=3, message_type=protocol.SELECT))
     got = protocol.parse_select_request(msg.content)
     assert got.ids == ("x", "y") and got.delta == math.inf and got.basis.words == ["a", "b"]
+    assert got.basis.human_offset is None and got.basis.human_weight == 0.0
+    # the human offset travels with the basis, so the device removes what the server measured
+    h = np.arange(DIM, dtype=np.float32)
+    basis.set_human_offset(h, 0.4)
+    got = protocol.parse_select_request(wire(Message(protocol.select_request(req), dst_node_id=3,
+                                                     message_type=protocol.SELECT)).content)
+    assert got.basis.human_weight == 0.4 and np.array_equal(got.basis.human_offset, h)
+    e = np.linspace(-1, 1, DIM)
+    np.testing.assert_array_equal(got.basis.user_coordinates(e), basis.user_coordinates(e))
     np.testing.assert_allclose(got.coords_by_id()["y"], coords[1])
     reply = protocol.choice_reply(Choice("single", ("x",), (1.0,), 0.7, {"x": 0.7, "y": 2.1}))
     parsed = protocol.parse_choice(reply)

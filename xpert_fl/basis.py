@@ -26,6 +26,14 @@ zero on words added later). The server should re-project every pLLM on the final
 ``project_all``: it costs one k×d product per pLLM, and the device's coordinate is a projection on
 every word, so zero-padding would make Eq. 1 distances inconsistent. Re-projection leaves earlier
 entries unchanged (each ``c_i`` depends only on ``e`` and ``v_i``); it fills in the later ones.
+
+Users' footing (beyond the paper): a pLLM's drift compares generated text with generated text, a
+device's drift compares the user's *human* text with generated text, so it also carries how human
+writing differs from the base model's. The basis holds that offset ``h`` (the drift of neutral
+human-written answers, measured once by the server on public reference data) and the share ``α`` of it
+that devices remove before projecting (``user_coordinates``). A share, not all of it: pLLMs trained
+on human text already carry part of ``h`` in their own drifts (α measured in benchmarks/
+selection_accuracy.py).
 """
 
 from __future__ import annotations
@@ -47,7 +55,11 @@ from xpert_fl.select import check_distance
 FORMAT_VERSION = 1
 META_KEY = "xpert_basis"
 TENSOR_KEY = "vectors"
+OFFSET_KEY = "human_offset"
 _ZERO = 1e-12  # norms at or below this are "zero": hidden states are never that small
+# The share of the human-text offset servers give devices to remove (``human_weight``), fitted on half
+# the users of benchmarks/selection_accuracy.py (0.4 on both the 20- and 60-step pLLMs), scored on the rest.
+HUMAN_WEIGHT = 0.4
 _ORTHO_TOL = 1e-4  # float32 Gram–Schmidt vectors are orthogonal to ~1e-7; anything worse is not
 
 SubVector = Callable[[str], "np.ndarray | None"]
@@ -86,6 +98,8 @@ class Basis:
     complete: bool = False
     rejected: set[str] = field(default_factory=set, repr=False)
     residual_words: set[str] = field(default_factory=set)
+    human_offset: np.ndarray | None = None  # h (dim,): drift of neutral human text from the base's text
+    human_weight: float = 0.0  # α: the share of h devices remove from their drifts (user_coordinates)
 
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int | np.integer) or self.dim < 1:
@@ -118,6 +132,19 @@ class Basis:
         self.residual_words = set(self.residual_words)
         if not self.residual_words <= set(self.words):
             raise BasisError(f"residual words {sorted(self.residual_words - set(self.words))} are not basis words")
+        self.set_human_offset(self.human_offset, self.human_weight)
+
+    def set_human_offset(self, offset: np.ndarray | None, weight: float) -> None:
+        """Set ``h`` and ``α`` (validated together: a weight needs an offset). All or nothing."""
+        weight = float(weight)
+        if not (np.isfinite(weight) and weight >= 0.0):
+            raise BasisError(f"human_weight must be a finite number >= 0, got {weight}")
+        if offset is not None:
+            offset = _check_vector(offset, self.dim, "human offset", dtype=np.float32, allow_zero=True)
+            offset = offset.astype(np.float32)
+        elif weight > 0.0:
+            raise BasisError(f"human_weight {weight} needs a human offset vector")
+        self.human_offset, self.human_weight = offset, weight
 
     @property
     def size(self) -> int:
@@ -139,6 +166,16 @@ class Basis:
     def coordinates(self, e: np.ndarray) -> np.ndarray:
         """Eq. 2: ``c_i = <e, v_i> / ||v_i||^2`` (float64, shape (k,))."""
         return _coords(self._embedding(e), self._v64())
+
+    def user_vector(self, e: np.ndarray) -> np.ndarray:
+        """A drift of human text (a device's data, an uploader's self-report) on the pLLMs' footing:
+        ``e - α·h`` (float64). ``e`` itself when the basis has no weighted offset."""
+        e = self._embedding(e)
+        return e - self.human_weight * self.human_offset.astype(np.float64) if self.human_weight else e
+
+    def user_coordinates(self, e: np.ndarray) -> np.ndarray:
+        """A device's coordinates: Eq. 2 of its drift moved onto the pLLMs' footing (``user_vector``)."""
+        return _coords(self.user_vector(e), self._v64())
 
     def residual_ratio(self, e: np.ndarray) -> float:
         """``||e - Σ c_i v_i|| / ||e||``; Eq. 3 holds when this is <= tau_res."""
@@ -250,11 +287,15 @@ class Basis:
             "complete": self.complete,
             "rejected": sorted(self.rejected),
             "residual_words": sorted(self.residual_words),
+            "human_weight": self.human_weight,
         }
+        tensors = {TENSOR_KEY: self.vectors}
+        if self.human_offset is not None:
+            tensors[OFFSET_KEY] = self.human_offset
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            save_file({TENSOR_KEY: self.vectors}, tmp, metadata={META_KEY: json.dumps(meta)})
+            save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -270,6 +311,7 @@ class Basis:
             with safe_open(str(path), "numpy") as f:
                 raw_meta = (f.metadata() or {}).get(META_KEY)
                 vectors = f.get_tensor(TENSOR_KEY) if TENSOR_KEY in f.keys() else None
+                offset = f.get_tensor(OFFSET_KEY) if OFFSET_KEY in f.keys() else None
         except (SafetensorError, OSError, ValueError) as err:
             raise BasisError(f"basis {path}: unreadable or truncated ({err})") from err
         if raw_meta is None or vectors is None:
@@ -283,6 +325,7 @@ class Basis:
             rejected = meta.get("rejected", [])
             fields["complete"] = bool(meta.get("complete", False))
             fields["residual_words"] = set(meta.get("residual_words", []))
+            fields["human_weight"] = float(meta.get("human_weight", 0.0))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise BasisError(f"basis {path}: bad metadata ({err!r})") from err
         if expect_summarizer is not None and fields["summarizer"] != expect_summarizer:
@@ -294,7 +337,7 @@ class Basis:
                 f"basis {path}: vectors {vectors.dtype}{vectors.shape} do not match "
                 f"{len(fields['words'])} words of dim {fields['dim']}"
             )
-        return cls(vectors=vectors, rejected=set(rejected), **fields)
+        return cls(vectors=vectors, rejected=set(rejected), human_offset=offset, **fields)
 
     # --- validation helpers ----------------------------------------------------------------
     def _embedding(self, e: np.ndarray) -> np.ndarray:

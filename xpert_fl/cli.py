@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from xpert_fl.basis import HUMAN_WEIGHT
 from xpert_fl.cache import CacheError
 from xpert_fl.data.corpus import BUILTIN, NEUTRAL, CorpusError, corpus_stats, load_corpus
 from xpert_fl.models import DEFAULT_SPEC, LoadOptions, ModelLoadError, convert_embedded, load_model
@@ -109,13 +110,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """Server side: probe and explain the cache's pLLMs; grow and save the common basis."""
     from xpert_fl.basis import report
     from xpert_fl.cache import PLLMCache
-    from xpert_fl.explain import Explainer, explain_cache, open_basis
+    from xpert_fl.data import split_roles
+    from xpert_fl.explain import Explainer, calibrate_users, explain_cache, human_references, open_basis
     from xpert_fl.probe import probe_prompts
 
     base, summarizer, probe = _method(args)
     cache = PLLMCache(args.cache)
     basis = open_basis(cache.root, summarizer, args.tau_orth, args.tau_res, args.orthogonalize, args.complete)
-    explainer = Explainer(base, summarizer, probe_prompts(args.probe_prompts), probe)
+    test = split_roles(load_corpus(args.corpus))["test"]  # held out from every pLLM and user, as the server's
+    prompts = probe_prompts(args.probe_prompts, test)
+    explainer = Explainer(base, summarizer, prompts, probe)
+    calibrate_users(basis, explainer, human_references(test, prompts), args.human_weight)
     start = time.perf_counter()
     decs = explain_cache(cache, explainer, basis)
     seconds = time.perf_counter() - start
@@ -258,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orthogonalize", action="store_true", help="Gram-Schmidt the basis (exact coordinates)")
     p.add_argument("--no-complete", dest="complete", action="store_false",
                    help="paper's Algorithm 1 only: no residual word when candidate words run out")
+    p.add_argument("--corpus", default="builtin",
+                   help="probe prompts and neutral human answers come from its held-out test role")
+    p.add_argument("--human-weight", type=float, default=HUMAN_WEIGHT,
+                   help="share of the human-vs-generated text offset devices remove from their drift (0: none)")
     method_args(p)
     p.set_defaults(func=cmd_explain)
 

@@ -5,6 +5,11 @@ over the common basis (growing it when needed) -> coordinates + words ("0.42 sar
 Device (§3.2): embed the drift of the user's own texts from the base model's answers to the same
 prompts (or, for prompt-less text, base continuations of the same prefixes), and project it on the
 received basis without adding to it. Only the choice leaves the device.
+
+A device's drift compares human text with generated text, a pLLM's generated with generated; the
+server measures the difference once (``Explainer.human_offset``: the drift of neutral human answers,
+from public reference data) and the basis carries it, so devices remove a share of it before they
+project (``Basis.user_coordinates``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from xpert_fl.adapters import Adapter
 from xpert_fl.basis import Basis, BasisError, Decomposition
 from xpert_fl.cache import CacheEntry, PLLMCache
 from xpert_fl.chat import chat_prompt
-from xpert_fl.data.corpus import Sample
+from xpert_fl.data.corpus import Sample, StyleCorpus
 from xpert_fl.models import LoadedModel
 from xpert_fl.probe import generate
 from xpert_fl.summarizer import Drift, Summarizer
@@ -74,6 +79,19 @@ class Explainer:
     def drift(self, adapter: Adapter) -> Drift:
         contexts = [chat_prompt(self.base.tokenizer, p) for p in self.prompts]
         return self.summarizer.drift(self.base_answers, _nonempty(self.pllm_answers(adapter)), contexts)
+
+    def base_texts(self, prompts: list[str], chat: bool) -> list[str]:
+        """The base's texts in the place of a device's (a :data:`BaseAnswers`); its answers to the probe
+        prompts are reused."""
+        if chat and set(prompts) <= set(self.prompts):
+            known = dict(zip(self.prompts, self.base_answers, strict=True))
+            return [known[p] for p in prompts]
+        return base_generator(self.base, self.probe)(prompts, chat)
+
+    def human_offset(self, references: Sequence[Sample]) -> np.ndarray:
+        """``h``: the drift of neutral human-written texts from what the base writes in their place,
+        computed exactly as a device computes its own drift (``user_drift``)."""
+        return user_drift(self.base, self.summarizer, references, self.probe, base_answers=self.base_texts).vector
 
     def explain(self, adapter: Adapter, basis: Basis) -> Explanation:
         """Drift -> Algorithm 1 on the shared basis (which may grow) -> coordinates and words."""
@@ -139,8 +157,32 @@ def user_coordinates(
     """The device's coordinates: its drift projected on the received basis (the basis is not changed)."""
     _check_basis(basis, summarizer)
     d = user_drift(base, summarizer, samples, probe)
-    coords = basis.coordinates(d.vector)
+    coords = basis.user_coordinates(d.vector)
     return Explanation(coords, list(basis.words), basis.explain(coords), d)
+
+
+def human_references(test: StyleCorpus, prompts: Sequence[str]) -> list[Sample]:
+    """Public neutral human texts to measure ``h`` on: a chat corpus's neutral answers to the probe
+    prompts (in probe order; the base's answers to them are already known), or, for a prompt-less
+    corpus, as many neutral texts as there are probe prompts. Pass the held-out *test* role."""
+    if not test.neutral:
+        raise ValueError(f"corpus {test.name} has no neutral texts to measure the human offset on")
+    if not test.neutral[0].prompt:
+        return list(test.neutral[: len(prompts)])
+    by_prompt = {s.prompt: s for s in test.neutral}
+    return [by_prompt[p] for p in prompts if p in by_prompt]
+
+
+def calibrate_users(basis: Basis, explainer: Explainer, references: Sequence[Sample], weight: float) -> None:
+    """Give the basis the human offset devices remove, at ``weight``: ``h`` is measured once per basis
+    (on ``references``) and kept; the weight may change. Weight 0 with no ``h`` measures nothing."""
+    _check_basis(basis, explainer.summarizer)
+    h = basis.human_offset
+    if h is None and weight > 0:
+        if not references:
+            raise ValueError("a human weight > 0 needs neutral human reference texts to measure the offset on")
+        h = explainer.human_offset(references)
+    basis.set_human_offset(h, weight)
 
 
 def _check_basis(basis: Basis, summarizer: Summarizer) -> None:

@@ -37,7 +37,9 @@ from xpert_fl.explain import (
     ProbeConfig,
     _nonempty,
     adapter_answers,
+    calibrate_users,
     explain_cache,
+    human_references,
     open_basis,
     user_drift,
 )
@@ -83,6 +85,9 @@ class StoredExplainer(Explainer):
 
     def drift(self, adapter: Adapter) -> Drift:
         return self.bench.pllm_drift(adapter, self.summarizer)
+
+    def base_texts(self, prompts: list[str], chat: bool) -> list[str]:
+        return self.bench.answers(None, prompts, chat)
 
 
 class Workbench:
@@ -207,7 +212,10 @@ class Workbench:
         summarizer = self.summarizer()
         basis = open_basis(self.cache.root, summarizer, 0.1, 0.2, orthogonalize=not self.cfg.paper_basis,
                            complete=not self.cfg.paper_basis)
-        explain_cache(self.cache, StoredExplainer(self, summarizer), basis, ids=[e.id for e in entries])
+        explainer = StoredExplainer(self, summarizer)
+        calibrate_users(basis, explainer, human_references(self.roles["test"], self.probe_prompts),
+                        self.cfg.human_weight)
+        explain_cache(self.cache, explainer, basis, ids=[e.id for e in entries])
         return basis
 
     def fresh_basis(self, drifts: dict[str, Drift], summarizer: Summarizer, tau_orth: float = 0.1,
@@ -227,7 +235,7 @@ class Workbench:
 
     def nearest_label(self, user: User, summarizer: Summarizer, basis: Basis, coords: dict[str, np.ndarray]) -> str:
         """Eq. 1 on an in-memory basis: the label of the pLLM nearest to the user's coordinate."""
-        choice = nearest(basis.coordinates(self.user_drift(user, summarizer).vector), coords)
+        choice = nearest(basis.user_coordinates(self.user_drift(user, summarizer).vector), coords)
         return self.cache.get(choice.ids[0]).label
 
     # --- users --------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from typing import Protocol
 
 import jsonschema
 
+from xpert_fl.basis import HUMAN_WEIGHT
+
 SCHEMA_ID = "xpert-fl/experiment/1"
 SCALAR = {"type": ["string", "number", "boolean", "null"]}
 RESULT_SCHEMA: dict = {
@@ -78,6 +80,7 @@ class ExperimentConfig:
     tau_orth: tuple[float, ...] = (0.01, 0.1, 0.5)
     tau_res: tuple[float, ...] = (0.02, 0.2, 0.6)
     paper_basis: bool = False  # Algorithm 1 as published (no Gram-Schmidt, no residual completion)
+    human_weight: float = HUMAN_WEIGHT  # share of the human-text offset devices remove (Basis.human_weight)
     mixes: tuple[str, ...] = ("sarcastic+poetic",)
     level_samples: int = 6  # texts per level user (latent-space)
     level_users: int = 2

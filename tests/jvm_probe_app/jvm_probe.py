@@ -94,8 +94,9 @@ def main(grid: Grid, context: Context) -> None:
 
     # 4. selection on a synthetic basis: nearest (delta = inf) and merge (delta = 0), vs Python
     k, ids = 3, tuple(f"{i:020x}" for i in range(1, 5))
-    basis = Basis(dim=d, words=["terse", "poetic", "formal"], vectors=rng.standard_normal((k, d)).astype(np.float32))
-    mine = basis.coordinates(e)
+    basis = Basis(dim=d, words=["terse", "poetic", "formal"], vectors=rng.standard_normal((k, d)).astype(np.float32),
+                  human_offset=rng.standard_normal(d).astype(np.float32), human_weight=0.4)
+    mine = basis.user_coordinates(e)  # the device must remove the same share of the human offset
     coords = np.stack([mine + rng.normal(0, s, k) for s in (0.5, 0.05, 0.8, 0.3)]).astype(np.float32)
     coords[3] = 0.5 * coords[1] + 0.5 * mine  # a pLLM whose mix with #1 reaches the user
     by_id = {i: coords[r].astype(np.float64) for r, i in enumerate(ids)}

@@ -251,7 +251,7 @@ class XPerTSelector:
             return meter.selection(single(None))
         req = SelectRequest(basis, tuple(ids), coords, self.delta, self.max_parents, asdict(self.probe), self.distance)
         meter.receive(BASIS_COORDS, payload_bytes(select_request(req)))
-        key = (basis.summarizer, tuple(basis.words), tuple(task.samples))
+        key = (basis.summarizer, tuple(basis.words), basis.human_weight, tuple(task.samples))
         if key not in self._mine:
             t0 = time.perf_counter()
             mine = user_coordinates(task.base, self.summarizer, basis, task.samples, self.probe)

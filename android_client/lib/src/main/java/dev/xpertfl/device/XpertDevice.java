@@ -23,7 +23,8 @@ import java.util.logging.Logger;
  *   <li>{@code query.register} → config "register" {user, label?}</li>
  *   <li>{@code query.select} (arrays "basis"/"vectors" k×d, "coords"/"coords" n×k, config "select"/"meta")
  *       → the device's coordinate on the basis (Eq. 2, from its drift embedding, or a coordinate it
- *       already has), then Eq. 1 / merge → config "choice"/"choice" (no distances, no coordinate)</li>
+ *       already has, less the server's share of the human-text offset, "basis"/"human_offset"), then
+ *       Eq. 1 / merge → config "choice"/"choice" (no distances, no coordinate)</li>
  *   <li>{@code train} (config "train"/"meta" + "start-i.arrays/.config" per chosen id) → checks each
  *       adapter's content hash against the choice, merges if asked, trains through {@link Trainer},
  *       uploads "upload.arrays/.config", metrics "finetune" and config "report"/"meta"</li>
@@ -43,7 +44,8 @@ public final class XpertDevice implements FleetNode.Handler {
         public final double[] embedding;
         /** Summarizer fingerprint the embedding was computed with (null: not checked). */
         public final String summarizer;
-        /** A precomputed coordinate on the server's basis (k entries), used when there is no embedding. */
+        /** A precomputed coordinate on the server's basis (k entries: Eq. 2 of the device's drift), used when
+         *  there is no embedding; the server's human offset is removed from it as from an embedding's. */
         public final double[] coordinate;
 
         public Profile(String user, String label, double[] embedding, String summarizer, double[] coordinate) {
@@ -126,6 +128,8 @@ public final class XpertDevice implements FleetNode.Handler {
             }
             user = profile.coordinate.clone();
         }
+        double[][] basisRows = rows(vectors);
+        removeHumanOffset(user, content, meta, dim, basisRows);
         // empty cache: start from the base model (as the Python device); the dimensions are checked anyway
         // "drift" (default of new servers): Euclidean between the drifts coordinates reconstruct; "l1": Eq. 1
         Object distance = meta.getOrDefault("distance", "l1");
@@ -133,13 +137,31 @@ public final class XpertDevice implements FleetNode.Handler {
             throw new IllegalArgumentException("unknown selection distance " + distance + ": expected drift or l1");
         }
         boolean euclidean = "drift".equals(distance);
-        double[][] basisRows = rows(vectors);
         double[][] offered = euclidean ? Selection.drifts(rows(coords), basisRows) : rows(coords);
         double[] mine = euclidean ? Selection.drift(user, basisRows) : user;
         Choice choice = ids.isEmpty() ? Choice.base(0.0) : Selection.select(mine, ids, offered, delta, maxParents, euclidean);
         lastStatus = "chose " + choice + " among " + ids.size() + " pLLM(s), basis " + k + " words";
         LOG.info(profile.user + ": " + lastStatus + explain(words, user));
         return new RecordDict().put("choice", new ConfigRecord().put("choice", choice.toJson()));
+    }
+
+    /**
+     * The users' footing ({@code Basis.user_coordinates}): a device's drift compares human text with
+     * generated text, a pLLM's generated with generated; the server sends the offset between the two
+     * ("basis"/"human_offset", d) and the share of it to remove (meta "human_weight"). Eq. 2 is linear,
+     * so removing {@code weight * Eq2(offset)} from the coordinate equals Eq. 2 of {@code e - weight * offset}.
+     */
+    private static void removeHumanOffset(double[] user, RecordDict content, Map<String, Object> meta, long dim,
+                                          double[][] basisRows) {
+        double weight = ((Number) meta.getOrDefault("human_weight", 0.0)).doubleValue();
+        if (weight == 0.0) return;
+        if (!(weight > 0.0) || Double.isInfinite(weight)) throw new IllegalArgumentException("human_weight must be finite and >= 0, got " + weight);
+        NdArray offset = content.arrays("basis").get("human_offset");
+        if (offset.ndim() != 1 || offset.shape[0] != dim) {
+            throw new DimensionException("human offset " + offset + " does not match the basis dimension " + dim);
+        }
+        double[] shift = Selection.coordinates(offset.toDoubles(), basisRows);
+        for (int i = 0; i < user.length; i++) user[i] -= weight * shift[i];
     }
 
     private static String explain(List<Object> words, double[] c) {
