@@ -368,7 +368,7 @@ def plot_accuracy(results: dict, path: Path, tag: str) -> None:
     """Grouped bars: accuracy per route (with 95% CI) for each entry of ``results["variants"]``."""
     names = list(results["variants"])
     routes = [r for r in ROUTES if all(r[0] in results["variants"][n] for n in names)]
-    fig, ax = plt.subplots(figsize=(2.4 + 2.2 * len(names), 4.2))
+    fig, ax = plt.subplots(figsize=(5.0 + 2.2 * len(names), 4.2))
     x, width = np.arange(len(names)), 0.8 / len(routes)
     for j, (key, ci, lab) in enumerate(routes):
         vals = [results["variants"][n][key] for n in names]
@@ -381,7 +381,7 @@ def plot_accuracy(results: dict, path: Path, tag: str) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("selection accuracy")
     ax.set_title(f"{tag}: {results['n_users']} users, {results['n_pllms']} pLLMs (95% Wilson CI)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

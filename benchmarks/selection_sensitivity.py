@@ -1,6 +1,6 @@
 """One figure for the sensitivity runs of selection_accuracy.py: pLLM training x probe answer length.
 
-Each run is a `selection_accuracy.py --variants "response-pool (default)" --loss-oracle` output under
+Each run is a `selection_accuracy.py --variants "response-pool (default)" --fit-weight` output under
 benchmarks/results/selection_sensitivity/steps<S>_tokens<T>/ (commands: README, "How robust that is").
 
     python benchmarks/selection_sensitivity.py
@@ -35,8 +35,13 @@ def main() -> None:
     first = next(iter(runs.values()))
     merged = {**first, "variants": {label: run["variants"][VARIANT] for label, run in runs.items()}}
     plot_accuracy(merged, root / "sensitivity.png", "pLLM training x probe answer length")
-    keys = ("drift_distance_accuracy", "self_reported_drift_accuracy", "loss_oracle_accuracy")
-    print(json.dumps({label: {k: v[k] for k in keys if k in v} for label, v in merged["variants"].items()}, indent=1))
+    keys = ("drift_distance_accuracy", "no_offset_drift_accuracy", "self_reported_drift_accuracy",
+            "loss_oracle_accuracy")
+    table = {label: {**{k: v[k] for k in keys if k in v},
+                     **({"held_out_accuracy": v["weight_fit"]["held_out_accuracy"],
+                         "fitted_weight": v["weight_fit"]["fitted_weight"]} if "weight_fit" in v else {})}
+             for label, v in merged["variants"].items()}
+    print(json.dumps(table, indent=1))
 
 
 if __name__ == "__main__":

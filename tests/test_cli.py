@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from xpert_fl.cli import build_parser, main
@@ -43,3 +44,34 @@ def test_models_reports_the_converted_cache(base, capsys):
 def test_missing_cache_is_a_clean_error(capsys, tmp_path):
     assert main(["cache", "list", "--cache", str(tmp_path / "none")]) == 2
     assert "no pLLM cache" in capsys.readouterr().err
+
+
+def test_explain_then_select_from_the_command_line(base, tmp_path, capsys):
+    """The server and device commands end to end on two tiny pLLMs: `xpert explain` grows the basis and
+    gives it the human offset (measured on the corpus's test role); `xpert select` maps a user's JSONL
+    data onto it and prints the choice."""
+    from xpert_fl.basis import HUMAN_WEIGHT, Basis
+    from xpert_fl.cache import BaseInfo, PLLMCache
+    from xpert_fl.data import load_corpus
+    from xpert_fl.explain import BASIS_FILE
+    from xpert_fl.finetune import FinetuneConfig, finetune
+
+    corpus = load_corpus("builtin")
+    cache = PLLMCache(tmp_path / "cache", BaseInfo.from_loaded(base))
+    cfg = FinetuneConfig(max_steps=2, eval_every=2, max_seq_len=96, rank=4, seed=0)
+    for style in ("sarcastic", "poetic"):
+        s = corpus.styles[style]
+        cache.add(finetune(base, s[:4], s[4:6], cfg, progress=False).adapter, label=style)
+    small = ["--probe-prompts", "2", "--max-new-tokens", "8"]
+    assert main(["explain", "--cache", str(cache.root), *small]) == 0
+    out = capsys.readouterr().out
+    assert "explained 2 pLLM(s)" in out and "basis:" in out
+    basis = Basis.load(cache.root / BASIS_FILE)
+    assert basis.human_weight == HUMAN_WEIGHT and np.linalg.norm(basis.human_offset) > 0
+
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"prompt": x.prompt, "response": x.response}) + "\n"
+                            for x in corpus.styles["poetic"][20:22]))
+    assert main(["select", "--cache", str(cache.root), "--data", str(data), "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "your data:" in out and "choice:     single" in out and out.count("drift ") == 2

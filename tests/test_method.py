@@ -21,9 +21,9 @@ from xpert_fl.explain import (
     user_coordinates,
     user_drift,
 )
-from xpert_fl.probe import probe_prompts
 from xpert_fl.finetune import FinetuneConfig, finetune
 from xpert_fl.layerwise import LayerwiseRunner
+from xpert_fl.probe import probe_prompts
 from xpert_fl.select import Choice, select
 from xpert_fl.summarizer import Summarizer, SummarizerConfig
 
