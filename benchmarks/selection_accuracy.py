@@ -15,8 +15,9 @@ the better model when a pLLM did not learn its own style. `--max-steps` (pLLM tr
 
 Users' drifts are moved onto the pLLMs' footing as the product does: the basis carries the server's
 human offset ``h`` (the drift of the test role's neutral human answers, `explain.human_references`)
-and devices remove `--human-weight` of it (`Basis.user_coordinates`). `--fit-weight` sweeps that
-weight, picks it on the users of the first half of the shuffles and scores it on the second half.
+and devices remove `--human-weight` of it (`Basis.user_coordinates`; default: the share the pLLMs'
+drifts lack, `Basis.fit_human_weight`). `--fit-weight` sweeps that weight, picks it on the users of
+the first half of the shuffles and scores it on the second half.
 
 Writes selection_accuracy_<corpus>_<sim>.json and .png. Probe/user generations (and oracle losses)
 are cached in the work dir, so re-running with other variants only pays for the summarizer.
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 from _common import cached_answers  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from xpert_fl.basis import HUMAN_WEIGHT, Basis, report  # noqa: E402
+from xpert_fl.basis import AUTO, Basis, parse_human_weight, report  # noqa: E402
 from xpert_fl.cache import PLLMCache  # noqa: E402
 from xpert_fl.chat import chat_prompt  # noqa: E402
 from xpert_fl.data import load_corpus, similarity_mixture, split_roles, user_samples  # noqa: E402
@@ -94,8 +95,9 @@ def main() -> None:
                     help="also score pLLM coordinates self-reported from this many of their training samples (0: off)")
     ap.add_argument("--loss-oracle", action="store_true",
                     help="also score choices against the pLLM with the lowest loss on each user's data")
-    ap.add_argument("--human-weight", type=float, default=HUMAN_WEIGHT,
-                    help="share of the human-vs-generated text offset users remove (Basis.human_weight; 0: none)")
+    ap.add_argument("--human-weight", type=parse_human_weight, default=AUTO,
+                    help="share of the human-vs-generated text offset users remove (Basis.human_weight): auto (what "
+                         "the pLLMs' drifts lack of it, as the server computes it; default) or a number (0: none)")
     ap.add_argument("--fit-weight", action="store_true",
                     help="sweep the human weight: fit on the first half of the user shuffles, score on the rest")
     ap.add_argument("--paper-basis", action="store_true",
@@ -175,7 +177,9 @@ def main() -> None:
                        for triple in tqdm(user_refs, desc=f"{name}: users", leave=False)]
         # the server's human offset, measured as a device measures its drift (Explainer.human_offset)
         h = user_drift(base, summarizer, references, probe, base_answers=base_texts).vector
-        basis.set_human_offset(h, args.human_weight)
+        basis.set_human_offset(h, args.human_weight or 0.0)
+        if args.human_weight is None:
+            basis.fit_human_weight(list(raw.values()))
         mine = [basis.user_coordinates(v) for v in user_drifts]
         routes = {  # route -> (the pLLMs' vectors, the users' vectors, Gram matrix: None = L1, Eq. 1)
             "basis": (coords, mine, None),
@@ -195,7 +199,7 @@ def main() -> None:
             own_drift = {i: d.vector if d is drifts[i] else basis.user_vector(d.vector)
                          for i, (d, _) in checked.items()}
             own_basis = _basis(summarizer, args)
-            own_basis.set_human_offset(h, args.human_weight)
+            own_basis.set_human_offset(h, basis.human_weight)
             for i, (d, _) in checked.items():
                 own_basis.decompose(own_drift[i], d.candidates, summarizer.subvector)
             own_coords = dict(zip(own_drift, own_basis.project_all(list(own_drift.values())), strict=True))
@@ -223,7 +227,8 @@ def main() -> None:
             "drift_distance_ci95": wilson(hits["basis_drift"], n),
             "no_offset_drift_accuracy": hits["no_offset_drift"] / n,
             "no_offset_drift_ci95": wilson(hits["no_offset_drift"], n),
-            "human_weight": args.human_weight,
+            "human_weight": basis.human_weight,
+            "human_weight_auto": args.human_weight is None,
             "human_offset_norm_ratio": float(np.linalg.norm(h) / np.mean([np.linalg.norm(v) for v in user_drifts])),
             **({"weight_fit": _fit_weight(label, coords, basis, user_drifts, h, users, args)}
                if args.fit_weight else {}),

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from xpert_fl.basis import HUMAN_WEIGHT, report  # noqa: E402
+from xpert_fl.basis import report  # noqa: E402
 from xpert_fl.cache import PLLMCache  # noqa: E402
 from xpert_fl.data import load_corpus, split_roles, train_test_split, user_samples  # noqa: E402
 from xpert_fl.explain import (  # noqa: E402
@@ -49,7 +49,7 @@ class QuickstartConfig:
     similarity: float = 0.9
     pllm_steps: int = 16
     probe_prompts: int = 8
-    human_weight: float = HUMAN_WEIGHT  # share of the human-text offset devices remove (Basis.human_weight)
+    human_weight: float | None = None  # share of the human-text offset devices remove; None: auto
     user_samples: int = 12
     user_steps: int = 16
     max_seq_len: int = 128

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from xpert_fl.adapters import Adapter, validate_adapter
-from xpert_fl.basis import HUMAN_WEIGHT, Basis
+from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
 from xpert_fl.data import load_corpus, split_roles
 from xpert_fl.explain import (
@@ -83,7 +83,7 @@ class PLLMServer:
         orthogonalize: bool = True,
         complete_basis: bool = True,
         max_candidates: int = 64,
-        human_weight: float = HUMAN_WEIGHT,
+        human_weight: float | None = None,
         seed: int = 0,
     ) -> PLLMServer:
         """Load the models (once), open or create the cache and its basis, explain what is unexplained.
@@ -91,8 +91,9 @@ class PLLMServer:
         Probe prompts come from the corpus's *test* role, disjoint from every user's data, topped up
         from the built-in probe set when more are asked for (``probe.probe_prompts``).
         ``max_candidates``: candidate words Algorithm 1 may examine per pLLM (each costs one forward).
-        ``human_weight``: the share of the human-text offset devices remove (``Basis.human_weight``),
-        the offset measured on the test role's neutral answers to the probe prompts.
+        ``human_weight``: the share of the human-text offset devices remove (``Basis.human_weight``; None:
+        what the explained pLLMs lack of it), the offset measured on the test role's neutral answers to
+        the probe prompts.
         """
         base = load_model(model)
         summ_model = base if summarizer == model else load_model(summarizer)

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from simulations.results import ResultsWriter
 from strategies.pllm_server import PLLMServer
 from strategies.xpert import XPerTConfig, XPerTStrategy
+from xpert_fl.basis import parse_human_weight
 from xpert_fl.explain import ProbeConfig
 
 app = ServerApp()
@@ -44,7 +45,7 @@ def main(grid: Grid, context: Context) -> None:
         orthogonalize=cfg.orthogonalize,
         complete_basis=cfg.complete_basis,
         max_candidates=cfg.max_candidates,
-        human_weight=cfg.human_weight,
+        human_weight=parse_human_weight(cfg.human_weight),
         seed=cfg.seed,
     )
     writer.start(server)

@@ -40,7 +40,7 @@ from strategies.pllm_server import PLLMServer
 from xpert_fl.adapters import AdapterError
 from xpert_fl.baselines import SELECTORS
 from xpert_fl.baselines.core import ADAPTERS, EMBEDDINGS, LABELS
-from xpert_fl.basis import HUMAN_WEIGHT
+from xpert_fl.basis import AUTO, parse_human_weight
 from xpert_fl.cache import CacheError
 from xpert_fl.select import Choice, check_distance
 
@@ -75,7 +75,7 @@ class XPerTConfig:
     max_candidates: int = 16  # candidate words examined per pLLM at most (each costs one forward)
     merge_delta: float = math.inf  # selection distance above which a merge is tried; inf: never merge
     distance: str = "drift"  # selection distance: "drift" (between explained drifts) | "l1" (paper's Eq. 1)
-    human_weight: float = HUMAN_WEIGHT  # share of the human-vs-generated text offset devices remove (0: none)
+    human_weight: str = AUTO  # share of the human-vs-generated text offset devices remove: auto | a number
     # opt-in (privacy): devices upload the drift of their own data; trusted when it agrees with the probe
     self_reports: bool = False
     self_report_min_cosine: float = 0.5  # the agreement (cosine with the server's probe drift) a report needs
@@ -108,8 +108,7 @@ class XPerTConfig:
             raise ValueError("num-server-rounds, min-nodes and max-parents must be >= 1, users-per-round >= 0")
         if not -1.0 <= cfg.self_report_min_cosine <= 1.0:
             raise ValueError(f"self-report-min-cosine is a cosine in [-1, 1], got {cfg.self_report_min_cosine}")
-        if not 0.0 <= cfg.human_weight < math.inf:
-            raise ValueError(f"human-weight must be a finite number >= 0, got {cfg.human_weight}")
+        parse_human_weight(cfg.human_weight)
         if not cfg.merge_delta >= 0:
             raise ValueError(f"merge-delta must be >= 0 (inf: never merge), got {cfg.merge_delta}")
         check_distance(cfg.distance)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xpert_fl import basis as basis_mod
-from xpert_fl.basis import Basis, BasisError, Decomposition, build_basis, report
+from xpert_fl.basis import Basis, BasisError, Decomposition, build_basis, parse_human_weight, report
 
 D = 64
 
@@ -497,3 +497,37 @@ def test_bad_human_offset_is_refused_and_changes_nothing(offset, weight, match):
     assert b.human_weight == 0.2 and np.array_equal(b.human_offset, np.full(4, 0.5, np.float32))
     with pytest.raises(BasisError, match=match):
         Basis(dim=4, human_offset=offset, human_weight=weight)
+
+
+def test_auto_human_weight_is_the_share_of_h_the_pllms_lack(tmp_path):
+    """``fit_human_weight``: α = 1 - <mean pLLM drift, h>/||h||^2, clipped to [0, 1]; 0 without pLLMs; the
+    mode survives save/load; without an offset there is nothing to weigh."""
+    rng = np.random.default_rng(5)
+    h = rng.normal(size=D)
+    b = Basis(dim=D, human_offset=h, auto_weight=True)
+    noise = rng.normal(size=(6, D))
+    noise -= np.outer(noise @ h / (h @ h), h)  # styles orthogonal to h: only the h-share counts
+    assert b.fit_human_weight(list(0.3 * h + noise)) == pytest.approx(0.7, abs=1e-6)
+    assert b.human_weight == pytest.approx(0.7, abs=1e-6)
+    assert b.fit_human_weight([1.5 * h]) == 0.0 and b.fit_human_weight([-h]) == 1.0  # clipped
+    assert b.fit_human_weight([]) == 0.0
+    b.fit_human_weight(list(0.3 * h + noise))
+    got = Basis.load(b.save(tmp_path / "basis.safetensors"))
+    assert got.auto_weight and got.human_weight == pytest.approx(0.7, abs=1e-6)
+    with pytest.raises(BasisError, match="no human offset"):
+        Basis(dim=D).fit_human_weight([h])
+    with pytest.raises(BasisError, match="auto_weight needs a human offset"):
+        Basis(dim=D, auto_weight=True)
+    with pytest.raises(BasisError, match="shape"):
+        b.fit_human_weight([np.ones(D + 1)])
+
+
+@pytest.mark.parametrize("value, want", [("auto", None), (" AUTO ", None), ("0.4", 0.4), (0, 0.0), (1.5, 1.5)])
+def test_parse_human_weight(value, want):
+    assert parse_human_weight(value) == want
+
+
+@pytest.mark.parametrize("value", ["banana", "-0.1", "nan", "inf", None])
+def test_bad_human_weight_is_named(value):
+    with pytest.raises(ValueError, match="human weight must be 'auto' or a finite number >= 0"):
+        parse_human_weight(value)

@@ -12,11 +12,13 @@ from xpert_fl.chat import chat_prompt
 from xpert_fl.data import Sample, load_corpus, split_roles
 from xpert_fl.explain import (
     BASIS_FILE,
+    DRIFTS_FILE,
     Explainer,
     ProbeConfig,
     calibrate_users,
     explain_cache,
     human_references,
+    load_drifts,
     open_basis,
     user_coordinates,
     user_drift,
@@ -148,8 +150,13 @@ def test_adapters_to_explanations_to_selection(base, summarizer, corpus, tmp_pat
         cache.add(result.adapter, metrics=result.to_json(), label=style)
     prompts = [s.prompt for s in corpus.neutral[10:12]]
     basis = open_basis(cache.root, summarizer, tau_orth=0.1, tau_res=0.2, orthogonalize=True)
-    decs = explain_cache(cache, Explainer(base, summarizer, prompts, PROBE), basis, progress=False)
+    explainer = Explainer(base, summarizer, prompts, PROBE)
+    calibrate_users(basis, explainer, corpus.neutral[10:12], None)  # the weight follows the pLLMs
+    decs = explain_cache(cache, explainer, basis, progress=False)
     assert len(decs) == 2 and basis.size >= 1
+    h, drifts = basis.human_offset.astype(np.float64), list(load_drifts(cache.root / DRIFTS_FILE).values())
+    assert basis.auto_weight and basis.human_weight == pytest.approx(
+        float(np.clip(1 - np.mean(drifts, axis=0) @ h / (h @ h), 0, 1)), abs=1e-6)
     # words examined once are remembered by the basis, so a later pLLM may examine none of its own
     assert sum(d.examined for d in decs.values()) >= 1
     assert all(d.residual_ratio <= basis.tau_res or d.exhausted for d in decs.values())
@@ -161,6 +168,7 @@ def test_adapters_to_explanations_to_selection(base, summarizer, corpus, tmp_pat
     before = (basis.size, list(basis.words))
     mine = user_coordinates(base, summarizer, basis, corpus.styles["poetic"][20:22], PROBE)
     assert (basis.size, list(basis.words)) == before
+    np.testing.assert_allclose(mine.coords, basis.user_coordinates(mine.drift.vector))
     choice = select(mine.coords, {e.id: np.asarray(e.coords) for e in entries}, delta=float("inf"))
     assert choice.kind == "single" and choice.ids[0] in {e.id for e in entries}
     assert Choice.from_json(choice.to_json()) == choice

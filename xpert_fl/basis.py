@@ -32,14 +32,16 @@ device's drift compares the user's *human* text with generated text, so it also 
 writing differs from the base model's. The basis holds that offset ``h`` (the drift of neutral
 human-written answers, measured once by the server on public reference data) and the share ``α`` of it
 that devices remove before projecting (``user_coordinates``). A share, not all of it: pLLMs trained
-on human text already carry part of ``h`` in their own drifts (α measured in benchmarks/
-selection_accuracy.py).
+on human text already carry part of ``h`` in their own drifts. With ``auto_weight`` the basis reads
+that part off the pLLMs it explains (``fit_human_weight``): no weight is fitted on users
+(benchmarks/selection_accuracy.py).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -57,12 +59,24 @@ META_KEY = "xpert_basis"
 TENSOR_KEY = "vectors"
 OFFSET_KEY = "human_offset"
 _ZERO = 1e-12  # norms at or below this are "zero": hidden states are never that small
-# The share of the human-text offset servers give devices to remove (``human_weight``), fitted on half
-# the users of benchmarks/selection_accuracy.py (0.4 on both the 20- and 60-step pLLMs), scored on the rest.
-HUMAN_WEIGHT = 0.4
 _ORTHO_TOL = 1e-4  # float32 Gram–Schmidt vectors are orthogonal to ~1e-7; anything worse is not
 
 SubVector = Callable[[str], "np.ndarray | None"]
+AUTO = "auto"  # a configured human weight read off the explained pLLMs (Basis.fit_human_weight)
+
+
+def parse_human_weight(value: str | float) -> float | None:
+    """A configured human weight: ``"auto"`` (None) or a number >= 0. ValueError names the problem."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return None
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = math.nan
+    if not (math.isfinite(weight) and weight >= 0.0):
+        raise ValueError(f"human weight must be {AUTO!r} or a finite number >= 0, got {value!r}")
+    return weight
+
 
 
 class BasisError(ValueError):
@@ -100,6 +114,7 @@ class Basis:
     residual_words: set[str] = field(default_factory=set)
     human_offset: np.ndarray | None = None  # h (dim,): drift of neutral human text from the base's text
     human_weight: float = 0.0  # α: the share of h devices remove from their drifts (user_coordinates)
+    auto_weight: bool = False  # α follows the explained pLLMs (fit_human_weight), else it is fixed
 
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int | np.integer) or self.dim < 1:
@@ -133,6 +148,8 @@ class Basis:
         if not self.residual_words <= set(self.words):
             raise BasisError(f"residual words {sorted(self.residual_words - set(self.words))} are not basis words")
         self.set_human_offset(self.human_offset, self.human_weight)
+        if self.auto_weight and self.human_offset is None:
+            raise BasisError("auto_weight needs a human offset vector")
 
     def set_human_offset(self, offset: np.ndarray | None, weight: float) -> None:
         """Set ``h`` and ``α`` (validated together: a weight needs an offset). All or nothing."""
@@ -166,6 +183,20 @@ class Basis:
     def coordinates(self, e: np.ndarray) -> np.ndarray:
         """Eq. 2: ``c_i = <e, v_i> / ||v_i||^2`` (float64, shape (k,))."""
         return _coords(self._embedding(e), self._v64())
+
+    def fit_human_weight(self, pllm_drifts: Sequence[np.ndarray]) -> float:
+        """Set α to the share of ``h`` the pLLMs' drifts lack, ``1 - <mean pLLM drift, h> / ||h||^2``
+        (clipped to [0, 1]), and return it. Why: a user's drift carries all of ``h``, a pLLM's only the
+        part its human training text left in its generations; removing the rest puts both on one footing.
+        Measured: it tracks the weight fitted on users across pLLM training and probe length. No pLLM: 0.
+        """
+        if self.human_offset is None:
+            raise BasisError("no human offset to weigh: measure one first (explain.calibrate_users)")
+        h = self.human_offset.astype(np.float64)
+        rows = [self._embedding(d) for d in pllm_drifts]
+        weight = float(np.clip(1.0 - np.mean(rows, axis=0) @ h / (h @ h), 0.0, 1.0)) if rows and h @ h > _ZERO else 0.0
+        self.set_human_offset(self.human_offset, weight)
+        return weight
 
     def user_vector(self, e: np.ndarray) -> np.ndarray:
         """A drift of human text (a device's data, an uploader's self-report) on the pLLMs' footing:
@@ -288,6 +319,7 @@ class Basis:
             "rejected": sorted(self.rejected),
             "residual_words": sorted(self.residual_words),
             "human_weight": self.human_weight,
+            "auto_weight": self.auto_weight,
         }
         tensors = {TENSOR_KEY: self.vectors}
         if self.human_offset is not None:
@@ -326,6 +358,7 @@ class Basis:
             fields["complete"] = bool(meta.get("complete", False))
             fields["residual_words"] = set(meta.get("residual_words", []))
             fields["human_weight"] = float(meta.get("human_weight", 0.0))
+            fields["auto_weight"] = bool(meta.get("auto_weight", False))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise BasisError(f"basis {path}: bad metadata ({err!r})") from err
         if expect_summarizer is not None and fields["summarizer"] != expect_summarizer:

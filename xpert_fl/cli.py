@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-from xpert_fl.basis import HUMAN_WEIGHT
 from xpert_fl.cache import CacheError
 from xpert_fl.data.corpus import BUILTIN, NEUTRAL, CorpusError, corpus_stats, load_corpus
 from xpert_fl.models import DEFAULT_SPEC, LoadOptions, ModelLoadError, convert_embedded, load_model
@@ -204,6 +203,15 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _human_weight(value: str) -> float | None:
+    from xpert_fl.basis import parse_human_weight
+
+    try:
+        return parse_human_weight(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xpert", description="XPerT on Flower: explainable pLLM selection.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,8 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper's Algorithm 1 only: no residual word when candidate words run out")
     p.add_argument("--corpus", default="builtin",
                    help="probe prompts and neutral human answers come from its held-out test role")
-    p.add_argument("--human-weight", type=float, default=HUMAN_WEIGHT,
-                   help="share of the human-vs-generated text offset devices remove from their drift (0: none)")
+    p.add_argument("--human-weight", type=_human_weight, default="auto",
+                   help="share of the human-vs-generated text offset devices remove from their drift: "
+                        "auto (what the explained pLLMs lack of it; default) or a number (0: none)")
     method_args(p)
     p.set_defaults(func=cmd_explain)
 

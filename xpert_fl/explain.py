@@ -173,16 +173,20 @@ def human_references(test: StyleCorpus, prompts: Sequence[str]) -> list[Sample]:
     return [by_prompt[p] for p in prompts if p in by_prompt]
 
 
-def calibrate_users(basis: Basis, explainer: Explainer, references: Sequence[Sample], weight: float) -> None:
-    """Give the basis the human offset devices remove, at ``weight``: ``h`` is measured once per basis
-    (on ``references``) and kept; the weight may change. Weight 0 with no ``h`` measures nothing."""
+def calibrate_users(
+    basis: Basis, explainer: Explainer, references: Sequence[Sample], weight: float | None = None
+) -> None:
+    """Give the basis the human offset devices remove: ``h`` is measured once per basis (on
+    ``references``) and kept; the weight is fixed (a number) or follows the explained pLLMs (None:
+    ``explain_cache`` refits it whenever it explains). Weight 0 with no ``h`` measures nothing."""
     _check_basis(basis, explainer.summarizer)
     h = basis.human_offset
-    if h is None and weight > 0:
+    if h is None and (weight is None or weight > 0):
         if not references:
-            raise ValueError("a human weight > 0 needs neutral human reference texts to measure the offset on")
+            raise ValueError("a human weight needs neutral human reference texts to measure the offset on")
         h = explainer.human_offset(references)
-    basis.set_human_offset(h, weight)
+    basis.set_human_offset(h, basis.human_weight if weight is None and h is not None else weight or 0.0)
+    basis.auto_weight = weight is None
 
 
 def _check_basis(basis: Basis, summarizer: Summarizer) -> None:
@@ -287,7 +291,8 @@ def explain_cache(
     given: Mapping[str, Drift] | None = None,
 ) -> dict[str, Decomposition]:
     """Explain cache entries that have no drift yet (Algorithm 1, sequentially), then re-project every
-    entry on the final basis so all coordinates share its words; persist basis, drifts, explanations.
+    entry on the final basis so all coordinates share its words (and refit an automatic human weight);
+    persist basis, drifts, explanations.
     ``given``: drifts already computed by id (e.g. a trusted self-report), used instead of probing."""
     root = Path(cache.root)
     drifts = load_drifts(root / DRIFTS_FILE)
@@ -297,6 +302,8 @@ def explain_cache(
         d = given[entry_id] if given and entry_id in given else explainer.drift(cache.load_adapter(entry_id))
         decompositions[entry_id] = basis.decompose(d.vector, d.candidates, explainer.summarizer.subvector)
         drifts[entry_id] = d.vector
+    if basis.auto_weight:
+        basis.fit_human_weight(list(drifts.values()))
     basis.save(root / BASIS_FILE)
     save_drifts(root / DRIFTS_FILE, drifts)
     for entry in cache.entries():

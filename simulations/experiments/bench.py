@@ -26,7 +26,7 @@ import torch
 
 from xpert_fl.adapters import Adapter
 from xpert_fl.baselines import Selection, SelectionTask, Selector, make_selector
-from xpert_fl.basis import Basis, Decomposition
+from xpert_fl.basis import Basis, Decomposition, parse_human_weight
 from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
 from xpert_fl.chat import chat_prompt
 from xpert_fl.data import load_corpus, split_roles, user_samples
@@ -214,7 +214,7 @@ class Workbench:
                            complete=not self.cfg.paper_basis)
         explainer = StoredExplainer(self, summarizer)
         calibrate_users(basis, explainer, human_references(self.roles["test"], self.probe_prompts),
-                        self.cfg.human_weight)
+                        parse_human_weight(self.cfg.human_weight))
         explain_cache(self.cache, explainer, basis, ids=[e.id for e in entries])
         return basis
 

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import jsonschema
 
-from xpert_fl.basis import HUMAN_WEIGHT
+from xpert_fl.basis import AUTO
 
 SCHEMA_ID = "xpert-fl/experiment/1"
 SCALAR = {"type": ["string", "number", "boolean", "null"]}
@@ -80,7 +80,7 @@ class ExperimentConfig:
     tau_orth: tuple[float, ...] = (0.01, 0.1, 0.5)
     tau_res: tuple[float, ...] = (0.02, 0.2, 0.6)
     paper_basis: bool = False  # Algorithm 1 as published (no Gram-Schmidt, no residual completion)
-    human_weight: float = HUMAN_WEIGHT  # share of the human-text offset devices remove (Basis.human_weight)
+    human_weight: str = AUTO  # share of the human-text offset devices remove: auto | a number
     mixes: tuple[str, ...] = ("sarcastic+poetic",)
     level_samples: int = 6  # texts per level user (latent-space)
     level_users: int = 2
