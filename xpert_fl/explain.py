@@ -185,7 +185,7 @@ def calibrate_users(
         if not references:
             raise ValueError("a human weight needs neutral human reference texts to measure the offset on")
         h = explainer.human_offset(references)
-    basis.set_human_offset(h, basis.human_weight if weight is None and h is not None else weight or 0.0)
+    basis.set_human_offset(h, basis.human_weight if weight is None else weight)  # auto: refit by explain_cache
     basis.auto_weight = weight is None
 
 
