@@ -39,7 +39,7 @@ from strategies import protocol
 from strategies.pllm_server import PLLMServer
 from xpert_fl.adapters import AdapterError
 from xpert_fl.baselines import SELECTORS
-from xpert_fl.baselines.core import ADAPTERS, EMBEDDINGS, LABELS
+from xpert_fl.baselines.core import ADAPTERS, EMBEDDINGS, LABELS, selection_seed
 from xpert_fl.basis import AUTO, parse_human_weight
 from xpert_fl.cache import CacheError
 from xpert_fl.select import Choice, check_distance
@@ -214,12 +214,6 @@ def _natural(text: str) -> list:
 
 def _reply_error(reply: Message) -> str:
     return f"device error {reply.error.code}: {reply.error.reason}"
-
-
-def selection_seed(seed: int, server_round: int, user: str) -> int:
-    """One user-round's selection seed: reproducible from the run seed, distinct per user and round (one
-    shared seed would give every user of ``random`` the same pick)."""
-    return random.Random(f"{seed}/{server_round}/{user}").randrange(2**31)
 
 
 # --- the strategy -----------------------------------------------------------------------------------

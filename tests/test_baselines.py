@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 
 from xpert_fl.adapters import Adapter
 from xpert_fl.baselines import SELECTORS, SelectionTask, make_selector
-from xpert_fl.baselines.core import ADAPTERS, BASIS_COORDS, EMBEDDINGS
+from xpert_fl.baselines.core import ADAPTERS, BASIS_COORDS, EMBEDDINGS, selection_seed
 from xpert_fl.baselines.text_encoder import PINNED_SHA256, WEIGHTS, TextEncoderSelector, default_encoder
 from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, PLLMCache
@@ -116,6 +116,12 @@ def test_free_methods_choose_without_downloading(task, ids):
     picks = {make_selector("random").select(task).chosen for _ in range(3)}
     assert len(picks) == 1 and picks <= set(ids)  # seeded by the task
     assert {make_selector("random").select(replace(task, seed=s)).chosen for s in range(12)} == set(ids)
+    # per user, as the harness and the Flower round loop seed it: users differ, a rerun repeats
+    per_user = [make_selector("random").select(replace(task, seed=selection_seed(0, 0, f"u{u}"))).chosen
+                for u in range(12)]
+    assert len(set(per_user)) > 1
+    assert per_user == [make_selector("random").select(replace(task, seed=selection_seed(0, 0, f"u{u}"))).chosen
+                        for u in range(12)]
     oracle = make_selector("oracle").select(task)
     assert oracle.chosen == ids[1] and oracle.details["style_available"]
     assert make_selector("oracle").select(replace(task, label="friendly")).chosen is None

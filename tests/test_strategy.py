@@ -20,9 +20,10 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 
 from strategies import protocol
 from strategies.pllm_server import PLLMServer
-from strategies.xpert import XPerTConfig, XPerTStrategy, selection_seed
+from strategies.xpert import XPerTConfig, XPerTStrategy
 from xpert_fl.adapters import Adapter
 from xpert_fl.baselines import SELECTORS, TextEncoderSelector
+from xpert_fl.baselines.core import selection_seed
 from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, PLLMCache
 from xpert_fl.explain import DRIFTS_FILE, load_drifts

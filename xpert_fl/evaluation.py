@@ -75,3 +75,33 @@ def generation_scores(hypotheses: Sequence[str], references: Sequence[str]) -> d
         "rouge1": sum(s["rouge1"].fmeasure for s in scores) / len(scores),
         "rougeL": sum(s["rougeL"].fmeasure for s in scores) / len(scores),
     }
+
+
+def confusion(truth: Sequence[str], chosen: Sequence[str], labels: Sequence[str]) -> dict[str, dict[str, int]]:
+    """``matrix[true][chosen]`` counts over ``labels`` (every pair present, zeros included); a choice
+    outside ``labels`` (e.g. "base") gets a column of its own."""
+    if len(truth) != len(chosen):
+        raise ValueError(f"need one choice per user, got {len(chosen)} for {len(truth)}")
+    columns = list(dict.fromkeys([*labels, *chosen]))
+    matrix = {t: dict.fromkeys(columns, 0) for t in dict.fromkeys([*labels, *truth])}
+    for t, c in zip(truth, chosen, strict=True):
+        matrix[t][c] += 1
+    return matrix
+
+
+def hubness(chosen: Sequence[str], candidates: Sequence[str]) -> dict:
+    """How unevenly choices fall on the candidates: users attracted per candidate (zeros included), the
+    largest share one candidate attracts, and the skewness of those counts (the k-occurrence skewness
+    of hubness studies; 0 when every candidate attracts equally many, large when a few attract most).
+
+    Why: a selector whose distances favour a few central pLLMs ("hubs") looks fine on its hubs' users
+    and fails everyone else; accuracy alone hides which."""
+    counts = dict.fromkeys(candidates, 0)
+    for c in chosen:
+        counts[c] = counts.get(c, 0) + 1
+    values = list(counts.values())
+    n = len(values)
+    mean = sum(values) / n if n else 0.0
+    var = sum((v - mean) ** 2 for v in values) / n if n else 0.0
+    skew = sum((v - mean) ** 3 for v in values) / n / var**1.5 if var > 0 else 0.0
+    return {"attracted": counts, "max_share": max(values) / len(chosen) if chosen else 0.0, "skewness": skew}

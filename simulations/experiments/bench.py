@@ -26,6 +26,7 @@ import torch
 
 from xpert_fl.adapters import Adapter
 from xpert_fl.baselines import Selection, SelectionTask, Selector, make_selector
+from xpert_fl.baselines.core import selection_seed
 from xpert_fl.basis import Basis, Decomposition, parse_human_weight
 from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
 from xpert_fl.chat import chat_prompt
@@ -280,8 +281,10 @@ class Workbench:
                     answers = self.answers((cache or self.cache).load_adapter(e.id), self.probe_prompts)
                     selector.add_texts(e.id, _nonempty(answers))
         config = FinetuneConfig(max_seq_len=self.cfg.max_seq_len)
-        task = SelectionTask(self.base, cache or self.cache, user.samples, label=user.label, seed=self.seed,
-                             ids=tuple(e.id for e in entries), config=config)
+        # a seed per user, drawn as the Flower round loop draws it (one shared seed: the same random pick for all)
+        task = SelectionTask(self.base, cache or self.cache, user.samples, label=user.label,
+                             seed=selection_seed(self.seed, 0, user.name), ids=tuple(e.id for e in entries),
+                             config=config)
         return selector.select(task)
 
     # --- fine-tuning --------------------------------------------------------------------------

@@ -98,6 +98,13 @@ class ReceivedOffer:
             raise KeyError(f"the offer carried no adapter for pLLM {id!r}") from None
 
 
+def selection_seed(seed: int, server_round: int, user: str) -> int:
+    """One user-round's selection seed: reproducible from the run seed, distinct per user and round (one
+    shared seed would give every user of ``random`` the same pick). The Flower round loop and the
+    library's evaluations draw it alike."""
+    return random.Random(f"{seed}/{server_round}/{user}").randrange(2**31)
+
+
 @dataclass(frozen=True)
 class SelectionTask:
     """One user's selection problem. ``samples`` never leave the device; ``label`` (the user's style)
