@@ -1,12 +1,14 @@
 """Build evaluation corpora of real human-written text that nobody on this project wrote.
 
 Selection was tuned on the built-in corpus (text we generated); a default only means something when it
-also holds on text from elsewhere. This script builds two corpora in the project's corpus format from
+also holds on text from elsewhere. This script builds three corpora in the project's corpus format from
 text shipped in Debian packages, reproducibly (fixed package versions' files, a fixed seed):
 
 * ``debian-fortunes`` (prompt-less): the categories of the ``fortunes`` database (computers, politics,
   songs and poems, Zippy the Pinhead, ...), one style per category; ``neutral`` is the general
   ``cookie`` file. Categories differ in topic and in register, as the paper's real-world corpora do.
+* ``debian-kjv-bible`` (prompt-less): verses of the King James Bible grouped by genre (law, narrative,
+  psalms, wisdom, prophets, gospels, epistles, apocalyptic); ``neutral`` is the histories (Samuel, Kings).
 * ``debian-dictionaries`` (prompt -> response): ``Define "<term>".`` answered by eight dictionaries
   (Webster 1913 via GCIDE, the Devil's Dictionary, the Jargon File, FOLDOC, V.E.R.A. acronyms and the
   FreeDict English-French/German/Spanish dictionaries); ``neutral`` is WordNet's plain glosses.
@@ -107,6 +109,35 @@ def dictd(path: Path, drop_headword: bool = True) -> Iterator[tuple[str, str]]:
             yield f'Define "{term}".', _clean(entry)
 
 
+BIBLE = Path("/usr/bin/bible")
+KJV_GROUPS = {  # style -> books (the bible program's abbreviations), grouped by genre
+    "neutral": ("1Sa", "2Sa", "1Ki", "2Ki"),  # the histories: plain narrative
+    "law": ("Lev", "Num", "Deu"),
+    "narrative": ("Gen", "Jos", "Jdg"),
+    "psalms": ("Psa",),
+    "wisdom": ("Pro", "Ecc"),
+    "prophets": ("Isa", "Jer"),
+    "gospels": ("Mat", "Mar", "Luk", "Joh"),
+    "epistles": ("Rom", "1Co", "2Co", "Gal", "Eph", "Heb"),
+    "apocalyptic": ("Rev", "Dan"),
+}
+
+
+def kjv(books: tuple[str, ...]) -> Callable[[Path], Iterator[tuple[str, str]]]:
+    """Verses of the King James Version (bible-kjv's ``bible`` program), one prompt-less text each."""
+
+    def read(program: Path) -> Iterator[tuple[str, str]]:
+        for book in books:
+            out = subprocess.run([str(program), "-f", f"{book}1:1-999:999"], capture_output=True, text=True,
+                                 check=True).stdout
+            for line in out.splitlines():
+                _, _, verse = line.partition(" ")  # "Prv3:1 My son, ..."
+                if verse:
+                    yield "", _clean(verse)
+
+    return read
+
+
 def _dict(style: str, package: str, name: str, drop_headword: bool = True, min_chars: int = MIN_CHARS) -> Source:
     return Source(style, package, DICTD / f"{name}.index", lambda p: dictd(p, drop_headword), min_chars)
 
@@ -121,6 +152,7 @@ CORPORA: dict[str, dict[str, Source]] = {
                           "people")),
         ]
     },
+    "debian-kjv-bible": {style: Source(style, "bible-kjv", BIBLE, kjv(books)) for style, books in KJV_GROUPS.items()},
     "debian-dictionaries": {
         s.style: s
         for s in [
