@@ -225,6 +225,21 @@ class PLLMCache:
         label: str | None = None,
     ) -> CacheEntry:
         """Validate and store an adapter. Adding content already cached returns the existing entry as is."""
+        return self.insert(adapter, parents=parents, metrics=metrics, label=label)[0]
+
+    def insert(
+        self,
+        adapter: Adapter,
+        *,
+        parents: Iterable[str] = (),
+        metrics: dict | None = None,
+        label: str | None = None,
+    ) -> tuple[CacheEntry, bool]:
+        """``add``, also telling whether this call created the entry (False: it was cached already).
+
+        Decided under the writer lock, so a caller that undoes its upload (``remove``) after a later
+        failure does so only for an entry it created, never for one another writer committed meanwhile.
+        """
         if isinstance(parents, str):  # tuple("abc") would silently give three one-letter ids
             raise CacheError(f"parents must be a list of entry ids, got the string {parents!r}")
         return self._add(adapter, parents=tuple(parents), metrics=metrics or {}, label=label)
@@ -306,7 +321,7 @@ class PLLMCache:
                 created_at=fields["created_at"],
                 explained=(fields["coords"], fields["words"], fields["explanation"]),
                 source=f"archive {src}: ",
-            )
+            )[0]
 
     # --- internals ------------------------------------------------------------------------------
     def _add(
@@ -319,8 +334,8 @@ class PLLMCache:
         created_at: float | None = None,
         explained: tuple | None = None,
         source: str = "",
-    ) -> CacheEntry:
-        # Everything is checked before anything is written.
+    ) -> tuple[CacheEntry, bool]:
+        """The entry, and whether this call created it. Everything is checked before anything is written."""
         self._validate(adapter)
         if not all(isinstance(p, str) for p in parents):
             raise CacheError(f"{source}parents must be entry ids (strings), got {parents!r}")
@@ -340,7 +355,7 @@ class PLLMCache:
         with self._writer_lock(), self._db() as conn:
             row = conn.execute("SELECT * FROM entries WHERE id = ?", (id,)).fetchone()
             if row is not None:
-                return self._entry(row)
+                return self._entry(row), False
             known = {r[0] for r in conn.execute("SELECT id FROM entries")}
             missing = [p for p in dict.fromkeys(parents) if p not in known]
             if missing:
@@ -372,7 +387,7 @@ class PLLMCache:
                 _remove_tree(path)  # no row: the directory must not stay
                 raise
             row = conn.execute("SELECT * FROM entries WHERE id = ?", (id,)).fetchone()
-        return self._entry(row)
+        return self._entry(row), True
 
     def _validate(self, adapter: Adapter) -> None:
         cfg = adapter.config
