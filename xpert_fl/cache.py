@@ -5,12 +5,14 @@ Layout of a cache directory::
     root/index.sqlite      tables ``meta`` (BaseInfo JSON, schema version) and ``entries`` (one row per pLLM)
     root/writer.lock       advisory lock that serialises writers across processes (Flower server + CLI)
     root/adapters/<id>/    adapter_config.json + adapter_model.safetensors, <id> = Adapter.content_hash
+    root/tmp/              archives being imported are unpacked here (not in $TMPDIR, where a kill would leave them)
+    root/tmp.lock          importers hold it shared while they unpack; an open that gets it exclusively clears tmp/
 
 The index is the source of truth. ``add`` writes the adapter directory first (temp + rename) and commits
 its row afterwards, ``remove`` deletes the row first and the directory afterwards, so a reader sees either
 the old or the new state and never a half-written entry. A writer killed at any point leaves at worst an
-unreferenced directory (orphan or ``.``-prefixed temp dir), which the next open removes. Connections are
-per call (WAL mode, busy timeout), so several processes may share one cache.
+unreferenced directory (orphan or ``.``-prefixed temp dir) or an unpacked archive in ``tmp/``, which the next
+open removes. Connections are per call (WAL mode, busy timeout), so several processes may share one cache.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +52,8 @@ SCHEMA_VERSION = 1
 INDEX_FILE = "index.sqlite"
 LOCK_FILE = "writer.lock"
 ADAPTERS_DIR = "adapters"
+TMP_DIR = "tmp"
+TMP_LOCK_FILE = "tmp.lock"
 ENTRY_FILE = "entry.json"
 ARCHIVE_FORMAT = "xpert-fl/cache-entry/1"
 MAX_RECORD_BYTES = 1 << 20  # entry.json / adapter_config.json in an archive: a few KB in practice
@@ -304,24 +308,24 @@ class PLLMCache:
     def import_entry(self, src_file: str | Path) -> CacheEntry:
         """Add the entry of an archive written by export_entry; validated like add, parents must be cached."""
         src = Path(src_file)
-        with tempfile.TemporaryDirectory(prefix="xpert-import-") as tmp:
-            record = self._unpack(src, Path(tmp))
+        with self._unpack_area() as tmp:
+            record = self._unpack(src, tmp)
             adapter = Adapter.load(tmp, max_bytes=self.max_bytes)
-            fields = _check_record(record, src)
-            if fields["id"] != adapter.content_hash:
-                raise CacheError(
-                    f"archive {src}: entry.json names pLLM {fields['id']!r} but its adapter's content hash "
-                    f"is {adapter.content_hash!r} (files edited or mixed up)"
-                )
-            return self._add(
-                adapter,
-                parents=fields["parents"],
-                metrics=fields["metrics"],
-                label=fields["label"],
-                created_at=fields["created_at"],
-                explained=(fields["coords"], fields["words"], fields["explanation"]),
-                source=f"archive {src}: ",
-            )[0]
+        fields = _check_record(record, src)
+        if fields["id"] != adapter.content_hash:
+            raise CacheError(
+                f"archive {src}: entry.json names pLLM {fields['id']!r} but its adapter's content hash "
+                f"is {adapter.content_hash!r} (files edited or mixed up)"
+            )
+        return self._add(
+            adapter,
+            parents=fields["parents"],
+            metrics=fields["metrics"],
+            label=fields["label"],
+            created_at=fields["created_at"],
+            explained=(fields["coords"], fields["words"], fields["explanation"]),
+            source=f"archive {src}: ",
+        )[0]
 
     # --- internals ------------------------------------------------------------------------------
     def _add(
@@ -409,6 +413,22 @@ class PLLMCache:
         if bad_meta:
             raise AdapterError(f"adapter metadata must map strings to strings; offending keys {bad_meta[:3]}")
 
+    @contextmanager
+    def _unpack_area(self) -> Iterator[Path]:
+        """A fresh directory in the cache's ``tmp/``, removed on exit; a kill leaves it to the next open.
+
+        The shared ``tmp.lock`` keeps opens (which clear ``tmp/`` only when they get it exclusively)
+        from removing it while this process still unpacks.
+        """
+        with self._flock(TMP_LOCK_FILE, shared=True, holder="an open clearing tmp/"):
+            area = self.root / TMP_DIR
+            area.mkdir(exist_ok=True)
+            path = Path(tempfile.mkdtemp(prefix="import-", dir=area))
+            try:
+                yield path
+            finally:
+                _remove_tree(path)
+
     def _unpack(self, src: Path, dest: Path) -> dict:
         """Extract exactly the three archive files into ``dest``, checking names, types and sizes first."""
         expected = {ENTRY_FILE: MAX_RECORD_BYTES, CONFIG_FILE: MAX_RECORD_BYTES, WEIGHTS_FILE: self.max_bytes}
@@ -495,15 +515,20 @@ class PLLMCache:
                 )
 
     def _collect_debris(self) -> None:
-        """Remove adapter dirs without a row (killed add/remove) and temp dirs; skipped while one writes."""
+        """Remove adapter dirs without a row (killed add/remove) and temp dirs, skipped while one writes,
+        and archives a killed import left unpacked in ``tmp/``, skipped while one imports."""
         self._adapters.mkdir(parents=True, exist_ok=True)
+        (self.root / TMP_DIR).mkdir(exist_ok=True)
         with self._writer_lock(blocking=False) as held:
-            if not held:
-                return
-            with self._db() as conn:
-                ids = {r[0] for r in conn.execute("SELECT id FROM entries")}
-            for child in self._adapters.iterdir():
-                if child.name.startswith(".") or child.name not in ids:
+            if held:
+                with self._db() as conn:
+                    ids = {r[0] for r in conn.execute("SELECT id FROM entries")}
+                for child in self._adapters.iterdir():
+                    if child.name.startswith(".") or child.name not in ids:
+                        _remove_tree(child)
+        with self._flock(TMP_LOCK_FILE, blocking=False) as held:
+            if held:
+                for child in (self.root / TMP_DIR).iterdir():
                     _remove_tree(child)
 
     @contextmanager
@@ -528,18 +553,24 @@ class PLLMCache:
             raise
         conn.execute("COMMIT")
 
-    @contextmanager
-    def _writer_lock(self, blocking: bool = True) -> Iterator[bool]:
+    def _writer_lock(self, blocking: bool = True) -> AbstractContextManager[bool]:
         """Exclusive cross-process lock for writers; yields False when not blocking and it is taken."""
+        return self._flock(LOCK_FILE, blocking=blocking)
+
+    @contextmanager
+    def _flock(
+        self, name: str, *, shared: bool = False, blocking: bool = True, holder: str = "another writer"
+    ) -> Iterator[bool]:
+        """Cross-process lock on the file ``root/name``; yields False when not blocking and it is taken."""
         if fcntl is None:  # pragma: no cover - Windows
             yield True
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / LOCK_FILE, "a+b") as fh:
+        with open(self.root / name, "a+b") as fh:
             deadline = time.monotonic() + LOCK_TIMEOUT_S
             while True:
                 try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if not blocking:
@@ -547,7 +578,7 @@ class PLLMCache:
                         return
                     if time.monotonic() > deadline:
                         raise CacheError(
-                            f"the cache at {self.root} stayed locked by another writer for {LOCK_TIMEOUT_S:.0f} s"
+                            f"the cache at {self.root} stayed locked by {holder} for {LOCK_TIMEOUT_S:.0f} s"
                         ) from None
                     time.sleep(0.01)
             try:
