@@ -35,9 +35,11 @@ from peft import PeftModel
 from xpert_fl.adapters import (
     CONFIG_FILE,
     MAX_ADAPTER_BYTES,
+    MAX_CONFIG_BYTES,
     WEIGHTS_FILE,
     Adapter,
     AdapterError,
+    _short,
     base_linear_shapes,
     validate_adapter,
 )
@@ -56,7 +58,10 @@ TMP_DIR = "tmp"
 TMP_LOCK_FILE = "tmp.lock"
 ENTRY_FILE = "entry.json"
 ARCHIVE_FORMAT = "xpert-fl/cache-entry/1"
-MAX_RECORD_BYTES = 1 << 20  # entry.json / adapter_config.json in an archive: a few KB in practice
+MAX_RECORD_BYTES = 1 << 20  # entry.json in an archive: a few KB in practice
+# metrics, label, basis words and explanation of one entry, each as stored (JSON / UTF-8): a few hundred
+# bytes in practice; every listing of the cache reads them, so one upload must not make the index huge.
+MAX_FIELD_BYTES = 64 * 2**10
 LOCK_TIMEOUT_S = 60.0
 BUSY_TIMEOUT_S = 30.0
 
@@ -310,7 +315,10 @@ class PLLMCache:
         src = Path(src_file)
         with self._unpack_area() as tmp:
             record = self._unpack(src, tmp)
-            adapter = Adapter.load(tmp, max_bytes=self.max_bytes)
+            try:
+                adapter = Adapter.load(tmp, max_bytes=self.max_bytes)
+            except AdapterError as err:
+                raise AdapterError(f"archive {src}: {str(err).removeprefix(f'adapter {tmp}: ')}") from None
         fields = _check_record(record, src)
         if fields["id"] != adapter.content_hash:
             raise CacheError(
@@ -340,20 +348,23 @@ class PLLMCache:
         source: str = "",
     ) -> tuple[CacheEntry, bool]:
         """The entry, and whether this call created it. Everything is checked before anything is written."""
-        self._validate(adapter)
+        validate_adapter(adapter, self._base.fingerprint, self._base.shapes, max_bytes=self.max_bytes)
         if not all(isinstance(p, str) for p in parents):
             raise CacheError(f"{source}parents must be entry ids (strings), got {parents!r}")
         if label is not None and not isinstance(label, str):
             raise CacheError(f"{source}label must be a string or None, got {label!r}")
+        if label is not None:
+            _check_size(f"{source}label", label.encode("utf-8", "surrogatepass"))
         if not isinstance(metrics, dict):
             raise CacheError(f"{source}metrics must be a dict, got {type(metrics).__name__}")
         try:
             metrics_json = json.dumps(metrics, sort_keys=True)
         except (TypeError, ValueError) as err:
             raise CacheError(f"{source}metrics must be JSON-serialisable: {err}") from err
+        _check_size(f"{source}metrics", metrics_json.encode())
         coords = words = explanation = None
         if explained is not None and any(x is not None for x in explained):
-            coords, words, explanation = _check_explanation(*explained)
+            coords, words, explanation = _check_explanation(*explained, source=source)
         id = adapter.content_hash
         path = self._adapters / id
         with self._writer_lock(), self._db() as conn:
@@ -393,26 +404,6 @@ class PLLMCache:
             row = conn.execute("SELECT * FROM entries WHERE id = ?", (id,)).fetchone()
         return self._entry(row), True
 
-    def _validate(self, adapter: Adapter) -> None:
-        cfg = adapter.config
-        if not isinstance(cfg, dict):
-            raise AdapterError(f"adapter config must be a JSON object, got {type(cfg).__name__}")
-        targets = cfg.get("target_modules")
-        if not (
-            isinstance(targets, str) or (isinstance(targets, list | tuple) and all(isinstance(t, str) for t in targets))
-        ):
-            raise AdapterError(f"adapter config 'target_modules' must be a list of module names, got {targets!r}")
-        alpha = cfg.get("lora_alpha")
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-            raise AdapterError(f"adapter config needs a finite numeric 'lora_alpha', got {alpha!r}")
-        validate_adapter(adapter, self._base.fingerprint, self._base.shapes, max_bytes=self.max_bytes)
-        for name, tensor in adapter.tensors.items():
-            if not tensor.is_floating_point():
-                raise AdapterError(f"tensor {name} has dtype {tensor.dtype}; LoRA tensors must be floating point")
-        bad_meta = [k for k, v in adapter.meta.items() if not (isinstance(k, str) and isinstance(v, str))]
-        if bad_meta:
-            raise AdapterError(f"adapter metadata must map strings to strings; offending keys {bad_meta[:3]}")
-
     @contextmanager
     def _unpack_area(self) -> Iterator[Path]:
         """A fresh directory in the cache's ``tmp/``, removed on exit; a kill leaves it to the next open.
@@ -431,7 +422,7 @@ class PLLMCache:
 
     def _unpack(self, src: Path, dest: Path) -> dict:
         """Extract exactly the three archive files into ``dest``, checking names, types and sizes first."""
-        expected = {ENTRY_FILE: MAX_RECORD_BYTES, CONFIG_FILE: MAX_RECORD_BYTES, WEIGHTS_FILE: self.max_bytes}
+        expected = {ENTRY_FILE: MAX_RECORD_BYTES, CONFIG_FILE: MAX_CONFIG_BYTES, WEIGHTS_FILE: self.max_bytes}
         try:
             with tarfile.open(src, mode="r:*") as tar:
                 members = tar.getmembers()
@@ -600,22 +591,31 @@ class _BytesReader:
 
 
 def _check_explanation(
-    coords: Sequence[float] | None, words: Sequence[str] | None, explanation: str | None
+    coords: Sequence[float] | None, words: Sequence[str] | None, explanation: str | None, source: str = ""
 ) -> tuple[list[float], list[str], str]:
     try:
         coords_ = [float(c) for c in coords]  # type: ignore[union-attr]
     except (TypeError, ValueError) as err:
-        raise CacheError(f"coords must be a sequence of numbers, got {coords!r}") from err
+        raise CacheError(f"{source}coords must be a sequence of numbers, got {_short(coords)}") from err
     if not all(math.isfinite(c) for c in coords_):
-        raise CacheError(f"coords must be finite, got {coords_}")
+        raise CacheError(f"{source}coords must be finite, got {_short(coords_)}")
     if isinstance(words, str) or words is None or not all(isinstance(w, str) for w in words):
-        raise CacheError(f"words must be a list of strings, got {words!r}")
+        raise CacheError(f"{source}words must be a list of strings, got {_short(words)}")
     words_ = list(words)
     if len(words_) != len(coords_):
-        raise CacheError(f"{len(coords_)} coords but {len(words_)} words: each coordinate needs its basis word")
+        raise CacheError(
+            f"{source}{len(coords_)} coords but {len(words_)} words: each coordinate needs its basis word"
+        )
     if not isinstance(explanation, str):
-        raise CacheError(f"explanation must be a string, got {explanation!r}")
+        raise CacheError(f"{source}explanation must be a string, got {_short(explanation)}")
+    _check_size(f"{source}words", json.dumps(words_).encode())  # coords: as many, a number each
+    _check_size(f"{source}explanation", explanation.encode("utf-8", "surrogatepass"))
     return coords_, words_, explanation
+
+
+def _check_size(what: str, data: bytes) -> None:
+    if len(data) > MAX_FIELD_BYTES:
+        raise CacheError(f"{what} is {len(data)} bytes, over the {MAX_FIELD_BYTES}-byte limit")
 
 
 def _check_record(record: dict, src: Path) -> dict:
