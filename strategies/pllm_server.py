@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from xpert_fl.adapters import Adapter, validate_adapter
+from xpert_fl.adapters import Adapter
 from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
 from xpert_fl.data import load_corpus, split_roles
@@ -152,13 +152,12 @@ class PLLMServer:
         pLLM when it comes from this summarizer and agrees with the probe (``trusted_drift``;
         ``min_cosine=None`` never trusts one). All or nothing: an adapter that fails validation is never
         written; one whose explanation fails is removed again. Content already cached is returned as is
-        (``duplicate=True``).
+        (``duplicate=True``), also when another writer committed it while this call ran: the removal
+        after a failed explanation only ever undoes an entry this call created (``PLLMCache.insert``).
         """
-        base = self.cache.base
-        validate_adapter(adapter, base.fingerprint, base.shapes, max_bytes=self.cache.max_bytes)
-        if adapter.content_hash in self.cache:
-            return Ingested(self.cache.get(adapter.content_hash), True, [], 0, None, 0.0)
-        entry = self.cache.add(adapter, parents=parents, metrics=metrics, label=label)
+        entry, created = self.cache.insert(adapter, parents=parents, metrics=metrics, label=label)
+        if not created:
+            return Ingested(entry, True, [], 0, None, 0.0)
         t0 = time.perf_counter()
         try:
             drift, by, note = self._drift(adapter, self_report, min_cosine)

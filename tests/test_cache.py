@@ -418,7 +418,7 @@ def test_concurrent_reader_never_sees_a_partial_entry(tmp_path, info, lora):
 
 
 CRASH_SERVER = r"""
-import os, sys, time, traceback
+import os, sys, tempfile, time, traceback
 import torch
 import xpert_fl.adapters as xa
 import xpert_fl.cache as xc
@@ -454,6 +454,10 @@ def work(mode, root):
         entry = cache.add(variant(template, 1))
         xc._remove_tree = lambda path: hang("removing")
         cache.remove(entry.id)
+    elif mode == "mid-import":  # killed with the archive <root>.tar unpacked, before its adapter is read
+        tempfile.tempdir = root + ".tmpdir"  # this writer's $TMPDIR, where nothing may be left behind
+        xa.Adapter.load = classmethod(lambda cls, directory, max_bytes=None: hang("unpacked"))
+        cache.import_entry(root + ".tar")
     elif mode.startswith("loop"):  # killed at a random moment of a stream of adds and removes
         offset = int(mode[4:]) * 1000
         for i in range(1, 10**6):
@@ -592,6 +596,27 @@ def test_kill_mid_remove_completes_the_removal(populated, info, crasher):
     assert len(list((populated / "adapters").iterdir())) == 2  # row deleted, directory left behind
     assert_consistent(populated, info)
     assert snapshot(populated)[:2] == before[:2]  # same entries and files (the index keeps its counter)
+
+
+def test_kill_mid_import_leaves_nothing_in_tmpdir_and_open_clears_the_unpacked_archive(
+    populated, info, lora, tmp_path, crasher
+):
+    src = PLLMCache(tmp_path / "src", info)
+    src.export_entry(src.add(variant(lora, 3)).id, Path(f"{populated}.tar"))
+    tmpdir = Path(f"{populated}.tmpdir")
+    tmpdir.mkdir()
+    before = snapshot(populated)
+    pid = crasher.start("mid-import", populated)
+    crasher.expect(f"{pid} unpacked")
+    # Importer alive: its archive is unpacked in the cache's own tmp/, which an open leaves alone.
+    PLLMCache(populated)
+    (unpacked,) = (populated / "tmp").iterdir()
+    assert (unpacked / CONFIG_FILE).is_file() and (unpacked / WEIGHTS_FILE).is_file()
+    crasher.kill(pid)
+    assert list(tmpdir.iterdir()) == []
+    assert_consistent(populated, info)  # the open after the kill clears tmp/
+    assert list((populated / "tmp").iterdir()) == []
+    assert snapshot(populated) == before
 
 
 def test_kill_at_random_moments_leaves_consistent_cache(populated, info, crasher):

@@ -279,6 +279,20 @@ def test_a_failed_explanation_removes_the_upload_and_the_round_goes_on(tmp_path)
     assert len(server.cache) == 2 and a.new_id is None and b.new_id in server.cache
 
 
+def test_a_failed_ingest_never_removes_an_entry_another_writer_added(tmp_path, monkeypatch):
+    """Another writer (a second server, the CLI) commits the same content while this upload is checked:
+    the upload is a duplicate, and its failure must not remove the other writer's entry."""
+    server = make_server(tmp_path, n_initial=1)
+    upload = adapter(5)
+    other = PLLMCache(tmp_path / "cache")
+    other.add(upload, label="theirs")
+    monkeypatch.setattr(PLLMCache, "__contains__", lambda self, id: False)  # committed after any look
+    server.explainer.fail_next = True
+    done = server.ingest(upload, [], {"steps": 1}, None)
+    assert done.duplicate and done.entry.label == "theirs"
+    assert other.get(upload.content_hash).label == "theirs" and len(other) == 2
+
+
 def test_merge_choice_sends_every_parent_and_records_them(tmp_path):
     server = make_server(tmp_path, n_initial=3)
     grid = FakeGrid(devices(1, {0: "merge"}))

@@ -6,6 +6,7 @@ the base-model fingerprint travels in the safetensors metadata, so any PEFT tool
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -15,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import peft
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
@@ -25,6 +27,14 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FINGERPRINT_KEY = "xpert_base_fingerprint"
 MAX_ADAPTER_BYTES = 512 * 2**20  # a LoRA adapter of a phone-sized model is a few MB
+# Bounds on what an upload may carry. Real values are far inside them; past them an adapter is broken or
+# hostile (e.g. a scaling of 1e5 that turns any merge into noise) and every reader would pay for it.
+MAX_RANK = 1024  # trained ranks are 2..64; a merge concatenates its parents' ranks
+MAX_ALPHA = 1e4  # so |scaling| = |lora_alpha| / r (or / sqrt(r)) <= 1e4
+MAX_WEIGHT_ABS = 1e4  # trained LoRA weights are O(1)
+MAX_CONFIG_BYTES = 64 * 2**10  # adapter_config.json as PEFT writes it is ~1.5 KB
+MAX_META_BYTES = 64 * 2**10  # safetensors metadata (string to string): the fingerprint, a merge record
+TASK_TYPES = (None, "CAUSAL_LM")  # other task types add heads (modules_to_save) the cache does not hold
 
 
 class AdapterError(ValueError):
@@ -81,7 +91,7 @@ class Adapter:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            (tmp / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True))
+            (tmp / CONFIG_FILE).write_text(_config_text(self.config))
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={**self.meta, FINGERPRINT_KEY: self.base_fingerprint})
             if directory.exists():
@@ -94,20 +104,27 @@ class Adapter:
 
     @classmethod
     def load(cls, directory: str | Path, max_bytes: int = MAX_ADAPTER_BYTES) -> Adapter:
+        """Read a PEFT adapter directory; its config is checked (``check_config``), its tensors are not."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise AdapterError(f"adapter {directory}: missing {path.name}")
-        if weights_path.stat().st_size > max_bytes:
-            raise AdapterError(
-                f"adapter {directory}: {weights_path.name} is {weights_path.stat().st_size} bytes, "
-                f"over the {max_bytes}-byte limit"
-            )
+        for path, limit in ((config_path, MAX_CONFIG_BYTES), (weights_path, max_bytes)):
+            if path.stat().st_size > limit:
+                raise AdapterError(
+                    f"adapter {directory}: {path.name} is {path.stat().st_size} bytes, over the {limit}-byte limit"
+                )
         try:
-            config = json.loads(config_path.read_text())
+            config = json.loads(config_path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise AdapterError(f"adapter {directory}: {CONFIG_FILE} is not UTF-8 ({err.reason})") from err
         except json.JSONDecodeError as err:
             raise AdapterError(f"adapter {directory}: {CONFIG_FILE} is not valid JSON ({err.msg})") from err
+        try:
+            check_config(config)  # content_hash and everything after it rely on a well-formed config
+        except AdapterError as err:
+            raise AdapterError(f"adapter {directory}: {err}") from None
         try:
             tensors = load_file(weights_path)
             with safe_open(weights_path, "pt") as f:
@@ -165,31 +182,119 @@ def base_linear_shapes(model: PreTrainedModel) -> dict[str, tuple[int, int]]:
     }
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _is_module_names(v: object) -> bool:
+    # PEFT matches a list entry against a module path's last components; a dotted entry or a string
+    # (a regex to PEFT) would select modules other than those validate_adapter checks.
+    return isinstance(v, list) and bool(v) and all(isinstance(t, str) and t and "." not in t for t in v)
+
+
+# The options checked by value: (accepted?, what is accepted). Every other option must keep the default.
+_CHECKED_OPTIONS = {
+    "peft_type": (lambda v: isinstance(v, str) and v.upper().split(".")[-1] == "LORA", "'LORA'"),
+    "r": (lambda v: _is_int(v) and 1 <= v <= MAX_RANK, f"an integer in 1..{MAX_RANK}"),
+    "lora_alpha": (lambda v: _is_number(v) and abs(v) <= MAX_ALPHA, f"a finite number, |lora_alpha| <= {MAX_ALPHA:g}"),
+    "target_modules": (_is_module_names, "a non-empty list of module names (no dots, no regex)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "task_type": (lambda v: v in TASK_TYPES, f"one of {list(TASK_TYPES)}"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    # PEFT's other initialisations (pissa, olora, loftq, ...) rewrite the base model's weights
+    "init_lora_weights": (lambda v: isinstance(v, bool), "true or false"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "revision": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "peft_version": (lambda v: v is None or isinstance(v, str), "a string or null"),
+}
+_REQUIRED_OPTIONS = ("r", "lora_alpha", "target_modules")
+
+
+def _config_text(config: dict) -> str:
+    """adapter_config.json as ``Adapter.save`` writes it."""
+    return json.dumps(config, indent=2, sort_keys=True)
+
+
+@functools.cache
+def _lora_defaults() -> dict:
+    """Every option of the installed PEFT's LoraConfig with its default, as JSON (as saved)."""
+    return json.loads(json.dumps(LoraConfig().to_dict(), default=_jsonable))
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_config(config: object) -> None:
+    """Accept exactly the LoRA configs the project loads and merges exactly; ``AdapterError`` names the rest.
+
+    Validation checks one A (r x in) and one B (out x r) per targeted linear layer, and loading, merging
+    and ``Adapter.delta`` scale by ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA). Any option that
+    changes what PEFT loads or how it scales (``rank_pattern``, ``alpha_pattern``, ``use_dora``,
+    ``layers_to_transform``, ``modules_to_save``, ...) would break those assumptions silently, so it must
+    keep PEFT's default; an option the installed PEFT does not know would be dropped on load, so it is
+    refused too. Rank, alpha and dropout are bounded so that one upload cannot scale a merge into noise,
+    and the file as saved to ``MAX_CONFIG_BYTES``, which ``Adapter.load`` enforces.
+    """
+    if not isinstance(config, dict):
+        raise AdapterError(f"{CONFIG_FILE} must be a JSON object, got {type(config).__name__}")
+    missing = [k for k in _REQUIRED_OPTIONS if k not in config]
+    if missing:
+        raise AdapterError(f"{CONFIG_FILE}: missing {', '.join(missing)}")
+    defaults = _lora_defaults()
+    for key, value in config.items():
+        if key in _CHECKED_OPTIONS:
+            accepted, what = _CHECKED_OPTIONS[key]
+            if not accepted(value):
+                raise AdapterError(f"{CONFIG_FILE}: {key} must be {what}, got {_short(value)}")
+        elif key not in defaults:
+            raise AdapterError(f"{CONFIG_FILE}: {_short(key)} is not a LoRA option of PEFT {peft.__version__}")
+        elif value != defaults[key]:
+            raise AdapterError(
+                f"{CONFIG_FILE}: {key}={_short(value)} is not supported (plain LoRA only: {key} must be "
+                f"{defaults[key]!r})"
+            )
+    size = len(_config_text(config).encode())
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{CONFIG_FILE} is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit")
+
+
 def validate_adapter(
     adapter: Adapter, base_fingerprint: str, shapes: dict[str, tuple[int, int]], max_bytes: int = MAX_ADAPTER_BYTES
 ) -> None:
-    """Reject an adapter that does not belong to this base model or is not a well-formed LoRA.
+    """Reject an adapter that does not belong to this base model or is not a well-formed, bounded LoRA.
 
-    Checks: base fingerprint; a LoRA config with positive rank; for every targeted module of the base
-    model exactly one lora_A (r, in) and lora_B (out, r) tensor, nothing else; finite values; size.
+    Checks: the config (``check_config``); base fingerprint; metadata strings of bounded size; every
+    target name adapts a linear layer of the base model, each with exactly one lora_A (r, in) and
+    lora_B (out, r) tensor, nothing else; floating point values, finite and at most ``MAX_WEIGHT_ABS``
+    in magnitude; total size.
     """
+    check_config(adapter.config)
     cfg = adapter.config
     if adapter.base_fingerprint != base_fingerprint:
         raise AdapterError(
             f"adapter is for base model {adapter.base_fingerprint or '(unknown)'}, not {base_fingerprint}"
         )
-    if str(cfg.get("peft_type", "LORA")).upper().split(".")[-1] != "LORA":
-        raise AdapterError(f"adapter is {cfg.get('peft_type')!r}, only LoRA adapters are accepted")
-    r = cfg.get("r")
-    if not isinstance(r, int) or r <= 0 or not cfg.get("target_modules"):
-        raise AdapterError(f"adapter config needs a positive integer 'r' and 'target_modules', got r={r!r}")
+    bad_meta = [k for k, v in adapter.meta.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad_meta:
+        raise AdapterError(f"adapter metadata must map strings to strings; offending keys {bad_meta[:3]}")
+    meta_bytes = len(json.dumps(adapter.meta).encode())
+    if meta_bytes > MAX_META_BYTES:
+        raise AdapterError(f"adapter metadata is {meta_bytes} bytes, over the {MAX_META_BYTES}-byte limit")
     if adapter.num_bytes > max_bytes:
         raise AdapterError(f"adapter holds {adapter.num_bytes} bytes, over the {max_bytes}-byte limit")
-    targets = cfg["target_modules"]
-    targets = [targets] if isinstance(targets, str) else list(targets)
+    r, targets = cfg["r"], cfg["target_modules"]
+    adapted = {m.rsplit(".", 1)[-1] for m in shapes}
+    unmatched = sorted(set(targets) - adapted)
+    if unmatched:
+        raise AdapterError(f"target_modules {unmatched} match no linear layer of the base model")
     modules = [m for m in shapes if m.rsplit(".", 1)[-1] in targets]
-    if not modules:
-        raise AdapterError(f"target_modules {targets} match no linear layer of the base model")
     expected = {}
     for m in modules:
         out_f, in_f = shapes[m]
@@ -205,5 +310,10 @@ def validate_adapter(
         t = adapter.tensors[name]
         if tuple(t.shape) != shape:
             raise AdapterError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+        if not t.is_floating_point():
+            raise AdapterError(f"tensor {name} has dtype {t.dtype}; LoRA tensors must be floating point")
         if not torch.isfinite(t).all():
             raise AdapterError(f"tensor {name} holds NaN or Inf values")
+        peak = float(t.abs().max()) if t.numel() else 0.0
+        if peak > MAX_WEIGHT_ABS:
+            raise AdapterError(f"tensor {name} holds values up to {peak:.3g}, over the bound {MAX_WEIGHT_ABS:g}")

@@ -5,12 +5,14 @@ Layout of a cache directory::
     root/index.sqlite      tables ``meta`` (BaseInfo JSON, schema version) and ``entries`` (one row per pLLM)
     root/writer.lock       advisory lock that serialises writers across processes (Flower server + CLI)
     root/adapters/<id>/    adapter_config.json + adapter_model.safetensors, <id> = Adapter.content_hash
+    root/tmp/              archives being imported are unpacked here (not in $TMPDIR, where a kill would leave them)
+    root/tmp.lock          importers hold it shared while they unpack; an open that gets it exclusively clears tmp/
 
 The index is the source of truth. ``add`` writes the adapter directory first (temp + rename) and commits
 its row afterwards, ``remove`` deletes the row first and the directory afterwards, so a reader sees either
 the old or the new state and never a half-written entry. A writer killed at any point leaves at worst an
-unreferenced directory (orphan or ``.``-prefixed temp dir), which the next open removes. Connections are
-per call (WAL mode, busy timeout), so several processes may share one cache.
+unreferenced directory (orphan or ``.``-prefixed temp dir) or an unpacked archive in ``tmp/``, which the next
+open removes. Connections are per call (WAL mode, busy timeout), so several processes may share one cache.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,9 +35,11 @@ from peft import PeftModel
 from xpert_fl.adapters import (
     CONFIG_FILE,
     MAX_ADAPTER_BYTES,
+    MAX_CONFIG_BYTES,
     WEIGHTS_FILE,
     Adapter,
     AdapterError,
+    _short,
     base_linear_shapes,
     validate_adapter,
 )
@@ -50,9 +54,14 @@ SCHEMA_VERSION = 1
 INDEX_FILE = "index.sqlite"
 LOCK_FILE = "writer.lock"
 ADAPTERS_DIR = "adapters"
+TMP_DIR = "tmp"
+TMP_LOCK_FILE = "tmp.lock"
 ENTRY_FILE = "entry.json"
 ARCHIVE_FORMAT = "xpert-fl/cache-entry/1"
-MAX_RECORD_BYTES = 1 << 20  # entry.json / adapter_config.json in an archive: a few KB in practice
+MAX_RECORD_BYTES = 1 << 20  # entry.json in an archive: a few KB in practice
+# metrics, label, basis words and explanation of one entry, each as stored (JSON / UTF-8): a few hundred
+# bytes in practice; every listing of the cache reads them, so one upload must not make the index huge.
+MAX_FIELD_BYTES = 64 * 2**10
 LOCK_TIMEOUT_S = 60.0
 BUSY_TIMEOUT_S = 30.0
 
@@ -225,6 +234,21 @@ class PLLMCache:
         label: str | None = None,
     ) -> CacheEntry:
         """Validate and store an adapter. Adding content already cached returns the existing entry as is."""
+        return self.insert(adapter, parents=parents, metrics=metrics, label=label)[0]
+
+    def insert(
+        self,
+        adapter: Adapter,
+        *,
+        parents: Iterable[str] = (),
+        metrics: dict | None = None,
+        label: str | None = None,
+    ) -> tuple[CacheEntry, bool]:
+        """``add``, also telling whether this call created the entry (False: it was cached already).
+
+        Decided under the writer lock, so a caller that undoes its upload (``remove``) after a later
+        failure does so only for an entry it created, never for one another writer committed meanwhile.
+        """
         if isinstance(parents, str):  # tuple("abc") would silently give three one-letter ids
             raise CacheError(f"parents must be a list of entry ids, got the string {parents!r}")
         return self._add(adapter, parents=tuple(parents), metrics=metrics or {}, label=label)
@@ -289,24 +313,27 @@ class PLLMCache:
     def import_entry(self, src_file: str | Path) -> CacheEntry:
         """Add the entry of an archive written by export_entry; validated like add, parents must be cached."""
         src = Path(src_file)
-        with tempfile.TemporaryDirectory(prefix="xpert-import-") as tmp:
-            record = self._unpack(src, Path(tmp))
-            adapter = Adapter.load(tmp, max_bytes=self.max_bytes)
-            fields = _check_record(record, src)
-            if fields["id"] != adapter.content_hash:
-                raise CacheError(
-                    f"archive {src}: entry.json names pLLM {fields['id']!r} but its adapter's content hash "
-                    f"is {adapter.content_hash!r} (files edited or mixed up)"
-                )
-            return self._add(
-                adapter,
-                parents=fields["parents"],
-                metrics=fields["metrics"],
-                label=fields["label"],
-                created_at=fields["created_at"],
-                explained=(fields["coords"], fields["words"], fields["explanation"]),
-                source=f"archive {src}: ",
+        with self._unpack_area() as tmp:
+            record = self._unpack(src, tmp)
+            try:
+                adapter = Adapter.load(tmp, max_bytes=self.max_bytes)
+            except AdapterError as err:
+                raise AdapterError(f"archive {src}: {str(err).removeprefix(f'adapter {tmp}: ')}") from None
+        fields = _check_record(record, src)
+        if fields["id"] != adapter.content_hash:
+            raise CacheError(
+                f"archive {src}: entry.json names pLLM {fields['id']!r} but its adapter's content hash "
+                f"is {adapter.content_hash!r} (files edited or mixed up)"
             )
+        return self._add(
+            adapter,
+            parents=fields["parents"],
+            metrics=fields["metrics"],
+            label=fields["label"],
+            created_at=fields["created_at"],
+            explained=(fields["coords"], fields["words"], fields["explanation"]),
+            source=f"archive {src}: ",
+        )[0]
 
     # --- internals ------------------------------------------------------------------------------
     def _add(
@@ -319,28 +346,31 @@ class PLLMCache:
         created_at: float | None = None,
         explained: tuple | None = None,
         source: str = "",
-    ) -> CacheEntry:
-        # Everything is checked before anything is written.
-        self._validate(adapter)
+    ) -> tuple[CacheEntry, bool]:
+        """The entry, and whether this call created it. Everything is checked before anything is written."""
+        validate_adapter(adapter, self._base.fingerprint, self._base.shapes, max_bytes=self.max_bytes)
         if not all(isinstance(p, str) for p in parents):
             raise CacheError(f"{source}parents must be entry ids (strings), got {parents!r}")
         if label is not None and not isinstance(label, str):
             raise CacheError(f"{source}label must be a string or None, got {label!r}")
+        if label is not None:
+            _check_size(f"{source}label", label.encode("utf-8", "surrogatepass"))
         if not isinstance(metrics, dict):
             raise CacheError(f"{source}metrics must be a dict, got {type(metrics).__name__}")
         try:
             metrics_json = json.dumps(metrics, sort_keys=True)
         except (TypeError, ValueError) as err:
             raise CacheError(f"{source}metrics must be JSON-serialisable: {err}") from err
+        _check_size(f"{source}metrics", metrics_json.encode())
         coords = words = explanation = None
         if explained is not None and any(x is not None for x in explained):
-            coords, words, explanation = _check_explanation(*explained)
+            coords, words, explanation = _check_explanation(*explained, source=source)
         id = adapter.content_hash
         path = self._adapters / id
         with self._writer_lock(), self._db() as conn:
             row = conn.execute("SELECT * FROM entries WHERE id = ?", (id,)).fetchone()
             if row is not None:
-                return self._entry(row)
+                return self._entry(row), False
             known = {r[0] for r in conn.execute("SELECT id FROM entries")}
             missing = [p for p in dict.fromkeys(parents) if p not in known]
             if missing:
@@ -372,31 +402,27 @@ class PLLMCache:
                 _remove_tree(path)  # no row: the directory must not stay
                 raise
             row = conn.execute("SELECT * FROM entries WHERE id = ?", (id,)).fetchone()
-        return self._entry(row)
+        return self._entry(row), True
 
-    def _validate(self, adapter: Adapter) -> None:
-        cfg = adapter.config
-        if not isinstance(cfg, dict):
-            raise AdapterError(f"adapter config must be a JSON object, got {type(cfg).__name__}")
-        targets = cfg.get("target_modules")
-        if not (
-            isinstance(targets, str) or (isinstance(targets, list | tuple) and all(isinstance(t, str) for t in targets))
-        ):
-            raise AdapterError(f"adapter config 'target_modules' must be a list of module names, got {targets!r}")
-        alpha = cfg.get("lora_alpha")
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-            raise AdapterError(f"adapter config needs a finite numeric 'lora_alpha', got {alpha!r}")
-        validate_adapter(adapter, self._base.fingerprint, self._base.shapes, max_bytes=self.max_bytes)
-        for name, tensor in adapter.tensors.items():
-            if not tensor.is_floating_point():
-                raise AdapterError(f"tensor {name} has dtype {tensor.dtype}; LoRA tensors must be floating point")
-        bad_meta = [k for k, v in adapter.meta.items() if not (isinstance(k, str) and isinstance(v, str))]
-        if bad_meta:
-            raise AdapterError(f"adapter metadata must map strings to strings; offending keys {bad_meta[:3]}")
+    @contextmanager
+    def _unpack_area(self) -> Iterator[Path]:
+        """A fresh directory in the cache's ``tmp/``, removed on exit; a kill leaves it to the next open.
+
+        The shared ``tmp.lock`` keeps opens (which clear ``tmp/`` only when they get it exclusively)
+        from removing it while this process still unpacks.
+        """
+        with self._flock(TMP_LOCK_FILE, shared=True, holder="an open clearing tmp/"):
+            area = self.root / TMP_DIR
+            area.mkdir(exist_ok=True)
+            path = Path(tempfile.mkdtemp(prefix="import-", dir=area))
+            try:
+                yield path
+            finally:
+                _remove_tree(path)
 
     def _unpack(self, src: Path, dest: Path) -> dict:
         """Extract exactly the three archive files into ``dest``, checking names, types and sizes first."""
-        expected = {ENTRY_FILE: MAX_RECORD_BYTES, CONFIG_FILE: MAX_RECORD_BYTES, WEIGHTS_FILE: self.max_bytes}
+        expected = {ENTRY_FILE: MAX_RECORD_BYTES, CONFIG_FILE: MAX_CONFIG_BYTES, WEIGHTS_FILE: self.max_bytes}
         try:
             with tarfile.open(src, mode="r:*") as tar:
                 members = tar.getmembers()
@@ -480,15 +506,20 @@ class PLLMCache:
                 )
 
     def _collect_debris(self) -> None:
-        """Remove adapter dirs without a row (killed add/remove) and temp dirs; skipped while one writes."""
+        """Remove adapter dirs without a row (killed add/remove) and temp dirs, skipped while one writes,
+        and archives a killed import left unpacked in ``tmp/``, skipped while one imports."""
         self._adapters.mkdir(parents=True, exist_ok=True)
+        (self.root / TMP_DIR).mkdir(exist_ok=True)
         with self._writer_lock(blocking=False) as held:
-            if not held:
-                return
-            with self._db() as conn:
-                ids = {r[0] for r in conn.execute("SELECT id FROM entries")}
-            for child in self._adapters.iterdir():
-                if child.name.startswith(".") or child.name not in ids:
+            if held:
+                with self._db() as conn:
+                    ids = {r[0] for r in conn.execute("SELECT id FROM entries")}
+                for child in self._adapters.iterdir():
+                    if child.name.startswith(".") or child.name not in ids:
+                        _remove_tree(child)
+        with self._flock(TMP_LOCK_FILE, blocking=False) as held:
+            if held:
+                for child in (self.root / TMP_DIR).iterdir():
                     _remove_tree(child)
 
     @contextmanager
@@ -513,18 +544,24 @@ class PLLMCache:
             raise
         conn.execute("COMMIT")
 
-    @contextmanager
-    def _writer_lock(self, blocking: bool = True) -> Iterator[bool]:
+    def _writer_lock(self, blocking: bool = True) -> AbstractContextManager[bool]:
         """Exclusive cross-process lock for writers; yields False when not blocking and it is taken."""
+        return self._flock(LOCK_FILE, blocking=blocking)
+
+    @contextmanager
+    def _flock(
+        self, name: str, *, shared: bool = False, blocking: bool = True, holder: str = "another writer"
+    ) -> Iterator[bool]:
+        """Cross-process lock on the file ``root/name``; yields False when not blocking and it is taken."""
         if fcntl is None:  # pragma: no cover - Windows
             yield True
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / LOCK_FILE, "a+b") as fh:
+        with open(self.root / name, "a+b") as fh:
             deadline = time.monotonic() + LOCK_TIMEOUT_S
             while True:
                 try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if not blocking:
@@ -532,7 +569,7 @@ class PLLMCache:
                         return
                     if time.monotonic() > deadline:
                         raise CacheError(
-                            f"the cache at {self.root} stayed locked by another writer for {LOCK_TIMEOUT_S:.0f} s"
+                            f"the cache at {self.root} stayed locked by {holder} for {LOCK_TIMEOUT_S:.0f} s"
                         ) from None
                     time.sleep(0.01)
             try:
@@ -554,22 +591,31 @@ class _BytesReader:
 
 
 def _check_explanation(
-    coords: Sequence[float] | None, words: Sequence[str] | None, explanation: str | None
+    coords: Sequence[float] | None, words: Sequence[str] | None, explanation: str | None, source: str = ""
 ) -> tuple[list[float], list[str], str]:
     try:
         coords_ = [float(c) for c in coords]  # type: ignore[union-attr]
     except (TypeError, ValueError) as err:
-        raise CacheError(f"coords must be a sequence of numbers, got {coords!r}") from err
+        raise CacheError(f"{source}coords must be a sequence of numbers, got {_short(coords)}") from err
     if not all(math.isfinite(c) for c in coords_):
-        raise CacheError(f"coords must be finite, got {coords_}")
+        raise CacheError(f"{source}coords must be finite, got {_short(coords_)}")
     if isinstance(words, str) or words is None or not all(isinstance(w, str) for w in words):
-        raise CacheError(f"words must be a list of strings, got {words!r}")
+        raise CacheError(f"{source}words must be a list of strings, got {_short(words)}")
     words_ = list(words)
     if len(words_) != len(coords_):
-        raise CacheError(f"{len(coords_)} coords but {len(words_)} words: each coordinate needs its basis word")
+        raise CacheError(
+            f"{source}{len(coords_)} coords but {len(words_)} words: each coordinate needs its basis word"
+        )
     if not isinstance(explanation, str):
-        raise CacheError(f"explanation must be a string, got {explanation!r}")
+        raise CacheError(f"{source}explanation must be a string, got {_short(explanation)}")
+    _check_size(f"{source}words", json.dumps(words_).encode())  # coords: as many, a number each
+    _check_size(f"{source}explanation", explanation.encode("utf-8", "surrogatepass"))
     return coords_, words_, explanation
+
+
+def _check_size(what: str, data: bytes) -> None:
+    if len(data) > MAX_FIELD_BYTES:
+        raise CacheError(f"{what} is {len(data)} bytes, over the {MAX_FIELD_BYTES}-byte limit")
 
 
 def _check_record(record: dict, src: Path) -> dict:
