@@ -104,8 +104,10 @@ class XPerTConfig:
             raw = run_config[key]
             values[name] = bool(raw) if kind is bool else kind(raw)
         cfg = cls(**values)
-        if cfg.num_server_rounds < 1 or cfg.users_per_round < 0 or cfg.min_nodes < 1 or cfg.max_parents < 1:
-            raise ValueError("num-server-rounds, min-nodes and max-parents must be >= 1, users-per-round >= 0")
+        if cfg.num_server_rounds < 1 or cfg.users_per_round < 0 or cfg.min_nodes < 1:
+            raise ValueError("num-server-rounds and min-nodes must be >= 1, users-per-round >= 0")
+        if not 1 <= cfg.max_parents <= protocol.MAX_PARENTS:  # devices refuse a select request beyond it
+            raise ValueError(f"max-parents must be in [1, {protocol.MAX_PARENTS}], got {cfg.max_parents}")
         if not -1.0 <= cfg.self_report_min_cosine <= 1.0:
             raise ValueError(f"self-report-min-cosine is a cosine in [-1, 1], got {cfg.self_report_min_cosine}")
         parse_human_weight(cfg.human_weight)

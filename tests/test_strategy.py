@@ -197,7 +197,8 @@ def test_config_from_run_config_types_and_defaults():
     assert c.orthogonalize is False and c.max_parents == 3
     assert c.finetune_fields()["target_loss"] is None
     assert XPerTConfig.from_run_config({"target-loss": 2.5}).finetune_fields()["target_loss"] == 2.5
-    for bad in ({"merge-delta": -1.0}, {"num-server-rounds": 0}, {"users-per-round": -1}):
+    for bad in ({"merge-delta": -1.0}, {"num-server-rounds": 0}, {"users-per-round": -1}, {"max-parents": 0},
+                {"max-parents": protocol.MAX_PARENTS + 1}):  # devices refuse a select request beyond it
         with pytest.raises(ValueError):
             XPerTConfig.from_run_config(bad)
 
@@ -399,7 +400,7 @@ def test_self_reports_explain_an_upload_only_when_they_agree_with_the_probe(tmp_
     assert done.explained_by == "probe" and done.self_report.startswith("rejected")
     with pytest.raises(protocol.ProtocolError, match="name its summarizer"):
         protocol.parse_upload(protocol.upload_reply(adapter(5), {}, {}, probe[5]))
-    with pytest.raises(protocol.ProtocolError, match="finite 1-D"):
+    with pytest.raises(protocol.ProtocolError, match="drift.* must be finite"):
         protocol.parse_upload(protocol.upload_reply(adapter(5), {}, {"summarizer": "s"}, np.full(DIM, np.nan)))
     with pytest.raises(ValueError, match="self-report-min-cosine"):
         XPerTConfig.from_run_config({"self-report-min-cosine": 2.0})
