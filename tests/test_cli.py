@@ -34,6 +34,20 @@ def test_bad_corpus_is_a_clean_error(capsys, tmp_path):
     assert "neutral.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("file", "content", "match"), [
+    ("levels.json", b"5", "levels.json: expected a JSON list"),
+    ("levels.json", b'["poetic",', "levels.json:1: not valid JSON"),
+    ("poetic.jsonl", b'{"prompt": "", "response": "\xff"}\n', "poetic.jsonl:1: not UTF-8"),
+])
+def test_a_malformed_corpus_file_is_named_without_a_traceback(capsys, tmp_path, file, content, match):
+    for style in ("neutral", "poetic"):
+        (tmp_path / f"{style}.jsonl").write_text(json.dumps({"prompt": "", "response": "text"}) + "\n")
+    (tmp_path / file).write_bytes(content)
+    assert main(["corpus", "show", "--corpus", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xpert: error: ") and match in err and str(tmp_path) in err
+
+
 def test_models_reports_the_converted_cache(base, capsys):
     assert main(["models", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
