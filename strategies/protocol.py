@@ -28,21 +28,33 @@ as the paper's Table 7 charges BO and HyperBand the download of every pLLM); the
 method's own cost in its reply (:class:`SelectionCost`: only the adapters it evaluated, so ``bo`` with
 a trial budget pays less). The ``train`` message then carries the chosen adapter again even where the
 device evaluated it during selection (``adapter-down``): what this contract sends, counted as sent.
+
+Each side parses its peer's messages without trusting them: every ``parse_*`` returns valid values or
+raises ProtocolError naming the field, never another exception. Fields are type-checked, not coerced
+(JSON null is not the name "None", 1 is not true, 1.5 is not the seed 1), numbers are finite where the
+contract wants them, strings and counts are bounded (``MAX_*``), and arrays are real floats whose .npy
+header is checked against the bytes present before anything is allocated.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import math
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from io import BytesIO
+from tokenize import TokenError
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SType
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from numpy.lib import format as npy
 
-from xpert_fl.basis import Basis
-from xpert_fl.select import Choice, check_distance
+from xpert_fl.basis import Basis, BasisError
+from xpert_fl.select import DISTANCES, Choice
 
 if TYPE_CHECKING:  # torch/peft take seconds to import: only the train messages need them
     from xpert_fl.adapters import Adapter
@@ -63,6 +75,155 @@ UP_KINDS = (REGISTER_UP, CHOICE, ADAPTER_UP)  # sent by the device
 
 class ProtocolError(ValueError):
     """A message does not follow the contract (missing record, wrong type or shape, bad JSON)."""
+
+
+# --- bounds on what a message may hold: each side parses its peer's messages without trusting them ----
+MAX_NAME_CHARS = 256  # an id, user, label, method, fingerprint, word, metric or tensor name, report value
+MAX_JSON_CHARS = 1 << 24  # one JSON config field (a select request lists every cached pLLM and basis word)
+MAX_ARRAY_ELEMENTS = 1 << 28  # one array: a float16 adapter tensor of MAX_ADAPTER_BYTES (xpert_fl.adapters)
+MAX_BASIS_WORDS = 1 << 12  # an orthogonal basis is checked through its k x k cosines on arrival
+MAX_DIM = 1 << 16  # a summarizer's embedding dimension
+MAX_PARENTS = 64  # pLLMs one choice may merge (run config max-parents is bounded by it too)
+MAX_COUNT = 2**31 - 1  # any other count or size: trials, sequence length, batch size, probe tokens
+MAX_INT = 2**63 - 1  # seeds and byte totals: what fits the int64 that numpy and torch take
+FLOAT_DTYPES = ("float16", "float32", "float64")  # what arrays hold; complex, string or object arrays are refused
+PROBE_FIELDS = ("max_new_tokens", "batch_size", "prefix_fraction")  # xpert_fl.explain.ProbeConfig's
+_REQUIRED = object()
+
+
+def _show(value: object) -> str:
+    """``repr(value)`` cut short: an error message must not carry a peer's 10 MB string."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def _fail(name: str, rule: str, value: object) -> ProtocolError:
+    return ProtocolError(f"{name} must be {rule}, got {_show(value)}")
+
+
+def _text(value: object, name: str, *, empty: bool = False, max_chars: int = MAX_NAME_CHARS) -> str:
+    """A string, as sent (never ``str()`` of something else: JSON null is not the name "None")."""
+    if not isinstance(value, str) or len(value) > max_chars or not (empty or value):
+        raise _fail(name, f"a {'' if empty else 'non-empty '}string of at most {max_chars} characters", value)
+    return value
+
+
+def _integer(value: object, name: str, lo: int = 0, hi: int = MAX_COUNT) -> int:
+    """An integer in [lo, hi]; a bool, a float or a string is not one (``int()`` would truncate or coerce)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _fail(name, f"an integer in [{lo}, {hi}]", value)
+    return value
+
+
+def _number(
+    value: object, name: str, lo: float = -math.inf, hi: float = math.inf, *, infinite: bool = False
+) -> float:
+    """A JSON number in [lo, hi] as a float: finite, or also +Infinity where ``infinite`` (delta: never merge)."""
+    bounds = "" if (lo, hi) == (-math.inf, math.inf) else f" in [{lo}, {hi}]"
+    rule = f"a {'non-NaN' if infinite else 'finite'} number{bounds}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(name, rule, value)
+    try:
+        x = float(value)
+    except OverflowError as err:  # an integer beyond float range
+        raise _fail(name, rule, value) from err
+    if math.isnan(x) or (math.isinf(x) and not (infinite and x > 0)) or not lo <= x <= hi:
+        raise _fail(name, rule, value)
+    return x
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(name, "true or false", value)
+    return value
+
+
+def _one_of(value: object, name: str, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise _fail(name, f"one of {options}", value)
+    return value
+
+
+def _texts(value: object, name: str, *, nullable: bool = False, distinct: bool = False) -> list:
+    """A list of strings (or nulls where ``nullable``), each bounded like a name."""
+    if not isinstance(value, list):
+        raise _fail(name, "a list of strings", value)
+    items = [None if nullable and v is None else _text(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if distinct and len(set(items)) != len(items):
+        raise ProtocolError(f"{name} must be distinct strings")
+    return items
+
+
+def _maybe(check: Callable) -> Callable:
+    """``check`` that also lets JSON null through, for the fields the contract allows to be empty."""
+
+    def checked(value: object, name: str, *args, **kwargs):
+        return None if value is None else check(value, name, *args, **kwargs)
+
+    return checked
+
+
+class _Object:
+    """A decoded JSON object whose fields are read through checks that name the field on failure."""
+
+    def __init__(self, value: object, what: str):
+        if not isinstance(value, dict):
+            raise _fail(what, "a JSON object", value)
+        self.value, self.what = value, what
+
+    def __call__(self, key: str, check: Callable, *args, default: object = _REQUIRED, **kwargs):
+        if key not in self.value:
+            if default is _REQUIRED:
+                raise ProtocolError(f"{self.what} has no field {key!r}")
+            return default
+        return check(self.value[key], f"{self.what} {key!r}", *args, **kwargs)
+
+    def only(self, known: Iterable[str]) -> None:
+        """Refuse fields the receiver would not know what to do with (a config built from them would fail)."""
+        unknown = sorted(set(self.value) - set(known))
+        if unknown:
+            raise ProtocolError(f"{self.what} has unknown fields {_show(unknown)}")
+
+
+def _float_array(record: ArrayRecord, key: str, what: str, ndim: int) -> np.ndarray:
+    """Array ``key`` of a record as a finite, native-order float ndarray of ``ndim`` dimensions.
+
+    Read from its .npy bytes without trusting them (not ``Array.numpy()``): only real float dtypes (a
+    complex array is refused, not silently made real; a string or object array is refused), and the
+    header's element count must be bounded and match the bytes present before anything is allocated (a
+    64-byte array claiming 2^40 floats would otherwise allocate terabytes)."""
+    name = f"{what} array {key!r}"
+    if key not in record:
+        raise ProtocolError(f"{what} has no array {key!r}")
+    array = record[key]
+    if array.stype != SType.NUMPY:
+        raise ProtocolError(f"{name} is serialized as {_show(array.stype)}, not {SType.NUMPY!r}")
+    buffer = BytesIO(array.data)
+    try:
+        version = npy.read_magic(buffer)
+        if version not in ((1, 0), (2, 0)):  # what np.save writes for a float array
+            raise ValueError(f"unsupported .npy version {version}")
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(buffer)
+    except (ValueError, TypeError, SyntaxError, RecursionError, TokenError) as err:  # numpy on a forged header
+        raise ProtocolError(f"{name} is not a readable .npy array ({_show(str(err))})") from err
+    if dtype.name not in FLOAT_DTYPES:
+        raise ProtocolError(f"{name} must hold real floats {FLOAT_DTYPES}, got dtype {_show(str(dtype))}")
+    if len(shape) != ndim or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ProtocolError(f"{name} must have {ndim} dimension(s), got shape {_show(shape)}")
+    count, offset = math.prod(shape), buffer.tell()
+    if count > MAX_ARRAY_ELEMENTS:
+        raise ProtocolError(f"{name} has {count} elements, over the limit of {MAX_ARRAY_ELEMENTS}")
+    if len(array.data) - offset != count * dtype.itemsize:
+        raise ProtocolError(
+            f"{name}: its header announces {shape} {dtype} ({count * dtype.itemsize} bytes) but "
+            f"{len(array.data) - offset} bytes follow"
+        )
+    values = np.frombuffer(array.data, dtype, count, offset).reshape(shape, order="F" if fortran_order else "C")
+    values = values.astype(dtype.newbyteorder("="))  # a writable copy in native order (torch takes no other)
+    if not np.isfinite(values).all():
+        raise ProtocolError(f"{name} must be finite, holds NaN or Inf")
+    return values
 
 
 def message_bytes(message: Message) -> int:
@@ -107,13 +268,12 @@ def _arrays(content: RecordDict, name: str) -> ArrayRecord:
 
 
 def _json(record: ConfigRecord, key: str) -> object:
-    value = record.get(key)
-    if not isinstance(value, str):
-        raise ProtocolError(f"config field {key!r} must be a JSON string, got {type(value).__name__}")
+    """Config field ``key`` decoded from JSON (NaN and Infinity decode too: each field's check decides)."""
+    value = _text(record.get(key), f"config field {key!r}", empty=True, max_chars=MAX_JSON_CHARS)
     try:
         return json.loads(value)
-    except json.JSONDecodeError as err:
-        raise ProtocolError(f"config field {key!r} is not valid JSON ({err.msg})") from err
+    except (ValueError, RecursionError) as err:  # bad JSON, an integer of > 4300 digits, deep nesting
+        raise ProtocolError(f"config field {key!r} is not valid JSON ({_show(str(err))})") from err
 
 
 # --- register ----------------------------------------------------------------------------------
@@ -131,12 +291,8 @@ def register_reply(user: str, label: str | None) -> RecordDict:
 
 def parse_register(content: RecordDict) -> tuple[str, str | None]:
     record = _config(content, "register")
-    user, label = record.get("user"), record.get("label")
-    if not isinstance(user, str) or not user:
-        raise ProtocolError("register reply needs a non-empty string 'user'")
-    if label is not None and not isinstance(label, str):
-        raise ProtocolError("register reply 'label' must be a string")
-    return user, label
+    user = _text(record.get("user"), "register reply 'user'")
+    return user, _maybe(_text)(record.get("label"), "register reply 'label'")
 
 
 # --- select -----------------------------------------------------------------------------------
@@ -187,38 +343,49 @@ def select_request(req: SelectRequest) -> RecordDict:
 
 
 def parse_select_request(content: RecordDict) -> SelectRequest:
-    meta = _json(_config(content, "select"), "meta")
-    if not isinstance(meta, dict):
-        raise ProtocolError("select meta must be a JSON object")
+    f = _Object(_json(_config(content, "select"), "meta"), "select meta")
+    dim = f("dim", _integer, 1, MAX_DIM)
+    words = f("words", _texts)
+    if len(words) > MAX_BASIS_WORDS:
+        raise ProtocolError(f"select meta 'words': {len(words)} basis words, over the limit of {MAX_BASIS_WORDS}")
+    arrays = _arrays(content, "basis")
+    vectors = _float_array(arrays, "vectors", "basis", 2)
+    offset = _float_array(arrays, "human_offset", "basis", 1) if "human_offset" in arrays else None
+    coords = _float_array(_arrays(content, "coords"), "coords", "coords", 2)
     try:
-        arrays = _arrays(content, "basis")
-        vectors = arrays["vectors"].numpy()
-        offset = arrays["human_offset"].numpy() if "human_offset" in arrays else None
-        coords = _arrays(content, "coords")["coords"].numpy()
         basis = Basis(
-            dim=int(meta["dim"]),
-            words=list(meta["words"]),
+            dim=dim,
+            words=words,
             vectors=vectors,
-            tau_orth=meta["tau_orth"],
-            tau_res=meta["tau_res"],
-            summarizer=meta["summarizer"],
-            orthogonalize=bool(meta["orthogonalize"]),
-            complete=bool(meta.get("complete", False)),
-            residual_words=set(meta.get("residual_words", [])),
+            tau_orth=f("tau_orth", _number, 0.0, 1.0),
+            tau_res=f("tau_res", _number, 0.0),
+            summarizer=f("summarizer", _text, empty=True),
+            orthogonalize=f("orthogonalize", _flag),
+            complete=f("complete", _flag, default=False),
+            residual_words=set(f("residual_words", _texts, default=[])),
             human_offset=offset,
-            human_weight=float(meta.get("human_weight", 0.0)),
+            human_weight=f("human_weight", _number, 0.0, default=0.0),
         )
-        ids = tuple(str(i) for i in meta["ids"])
-        if coords.shape != (len(ids), basis.size):
-            raise ProtocolError(f"coords shape {coords.shape} != ({len(ids)}, {basis.size})")
-        return SelectRequest(
-            basis, ids, coords, float(meta["delta"]), int(meta["max_parents"]), dict(meta.get("probe", {})),
-            check_distance(str(meta.get("distance", "l1"))),  # a server that names none means Eq. 1
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        if isinstance(err, ProtocolError):
-            raise
-        raise ProtocolError(f"malformed select request: {err!r}") from err
+    except BasisError as err:
+        raise ProtocolError(f"select request: invalid basis ({err})") from err
+    ids = tuple(f("ids", _texts, distinct=True))
+    if coords.shape != (len(ids), basis.size):
+        raise ProtocolError(f"coords shape {coords.shape} != ({len(ids)}, {basis.size})")
+    return SelectRequest(
+        basis, ids, coords, f("delta", _number, 0.0, infinite=True), f("max_parents", _integer, 1, MAX_PARENTS),
+        f("probe", _probe, default={}),
+        f("distance", _one_of, DISTANCES, default="l1"),  # a server that names none means Eq. 1
+    )
+
+
+def _probe(value: object, name: str) -> dict:
+    """The probe settings a device builds its ProbeConfig from: known fields, in range."""
+    f = _Object(value, name)
+    f.only(PROBE_FIELDS)
+    out = {k: f(k, _integer, 1) for k in ("max_new_tokens", "batch_size") if k in value}
+    if "prefix_fraction" in value:
+        out["prefix_fraction"] = f("prefix_fraction", _number, 0.0, 1.0)
+    return out
 
 
 # --- select: the baselines (xpert_fl.baselines) ------------------------------------------------
@@ -284,29 +451,22 @@ def offer_request(req: OfferRequest) -> RecordDict:
 
 
 def parse_offer_request(content: RecordDict) -> OfferRequest:
-    meta = _json(_config(content, "offer"), "meta")
-    if not isinstance(meta, dict):
-        raise ProtocolError("offer meta must be a JSON object")
-    try:
-        if not isinstance(meta["ids"], list) or not isinstance(meta["labels"], list):
-            raise ProtocolError("offer 'ids' and 'labels' must be lists")
-        ids = tuple(meta["ids"])
-        n_adapters = int(meta["adapters"])
-        if n_adapters not in (0, len(ids)):
-            raise ProtocolError(f"offer of {len(ids)} pLLMs announces {n_adapters} adapters")
-        adapters = tuple(parse_adapter(content, f"offer-{i}") for i in range(n_adapters))
-        embeddings = _arrays(content, "embeddings")["vectors"].numpy() if "embeddings" in content else None
-        trials = meta["trials"]
-        return OfferRequest(
-            method=str(meta["method"]), ids=ids, seed=int(meta["seed"]),
-            trials=None if trials is None else int(trials), max_seq_len=int(meta["max_seq_len"]),
-            eval_batch_size=int(meta["eval_batch_size"]), adapters=adapters, embeddings=embeddings,
-            encoder=meta["encoder"], labels=tuple(meta["labels"]), user_label=meta["user_label"],
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        if isinstance(err, ProtocolError):
-            raise
-        raise ProtocolError(f"malformed offer: {err!r}") from err
+    f = _Object(_json(_config(content, "offer"), "meta"), "offer meta")
+    ids = tuple(f("ids", _texts))
+    n_adapters = f("adapters", _integer, 0, len(ids))
+    if n_adapters not in (0, len(ids)):
+        raise ProtocolError(f"offer of {len(ids)} pLLMs announces {n_adapters} adapters")
+    fields = {
+        "method": f("method", _text), "seed": f("seed", _integer, 0, MAX_INT),
+        "trials": f("trials", _maybe(_integer), 1), "max_seq_len": f("max_seq_len", _integer, 8),
+        "eval_batch_size": f("eval_batch_size", _integer, 1), "encoder": f("encoder", _maybe(_text)),
+        "labels": tuple(f("labels", _texts, nullable=True)), "user_label": f("user_label", _maybe(_text)),
+    }
+    embeddings = None
+    if "embeddings" in content:
+        embeddings = _float_array(_arrays(content, "embeddings"), "vectors", "embeddings", 2)
+    adapters = tuple(parse_adapter(content, f"offer-{i}") for i in range(n_adapters))
+    return OfferRequest(ids=ids, adapters=adapters, embeddings=embeddings, **fields)
 
 
 def parse_select(content: RecordDict) -> SelectRequest | OfferRequest:
@@ -365,26 +525,39 @@ def choice_reply(choice: Choice, cost: SelectionCost | None = None) -> RecordDic
 
 
 def parse_choice(content: RecordDict) -> Choice:
-    value = _config(content, "choice").get("choice")
-    if not isinstance(value, str):
-        raise ProtocolError("choice reply needs a JSON string 'choice'")
+    return _choice(_config(content, "choice").get("choice"), "choice reply 'choice'")
+
+
+def _choice(value: object, name: str) -> Choice:
+    """A Choice from its JSON, with at most MAX_PARENTS ids, each bounded like a name."""
+    text = _text(value, name, max_chars=MAX_JSON_CHARS)
     try:
-        return Choice.from_json(value)
+        choice = Choice.from_json(text)
     except ValueError as err:
-        raise ProtocolError(f"invalid choice: {err}") from err
+        raise ProtocolError(f"{name}: invalid choice ({_show(str(err))})") from err
+    if len(choice.ids) > MAX_PARENTS:
+        raise ProtocolError(f"{name}: {len(choice.ids)} ids, over the limit of {MAX_PARENTS}")
+    for i, id_ in enumerate(choice.ids):
+        _text(id_, f"{name} id {i}")
+    return choice
 
 
 def parse_selection_cost(content: RecordDict) -> SelectionCost | None:
     """The cost a choice reply reports; None when the device reports none (e.g. a client predating it)."""
     if "cost" not in content:
         return None
-    meta = _json(_config(content, "cost"), "meta")
-    if not isinstance(meta, dict) or not isinstance(meta.get("bytes", {}), dict):
-        raise ProtocolError("selection cost must be a JSON object with a 'bytes' object")
-    try:
-        return SelectionCost(**meta)
-    except TypeError as err:
-        raise ProtocolError(f"malformed selection cost: {err}") from err
+    f = _Object(_json(_config(content, "cost"), "meta"), "selection cost")
+    f.only(SelectionCost.__dataclass_fields__)
+    counts = {k: f(k, _integer, 0, MAX_INT, default=0) for k in ("evaluations", "tokens", "downloaded")}
+    return SelectionCost(
+        f("method", _text), f("bytes", _byte_counts, default={}), seconds=f("seconds", _number, 0.0, default=0.0),
+        **counts,
+    )
+
+
+def _byte_counts(value: object, name: str) -> dict[str, int]:
+    f = _Object(value, name)
+    return {_text(k, f"{name} key"): f(k, _integer, 0, MAX_INT) for k in value}
 
 
 # --- adapters ---------------------------------------------------------------------------------
@@ -396,25 +569,31 @@ def adapter_records(adapter: Adapter, name: str) -> dict[str, ArrayRecord | Conf
 
 
 def parse_adapter(content: RecordDict, name: str) -> Adapter:
-    """The adapter stored under ``name``; ProtocolError if a record is missing or malformed
-    (whether it fits the base model is checked by the receiver with validate_adapter)."""
+    """The adapter stored under ``name``; ProtocolError if a record is missing or malformed, or the config
+    lacks what its content hash reads (whether it fits the base model is checked by the receiver with
+    validate_adapter)."""
     import torch
 
     from xpert_fl.adapters import Adapter
 
+    what = f"adapter {name!r}"
     arrays = _arrays(content, f"{name}.arrays")
     record = _config(content, f"{name}.config")
-    config = _json(record, "config")
-    base = record.get("base")
-    if not isinstance(config, dict) or not isinstance(base, str):
-        raise ProtocolError(f"adapter {name!r}: config must be a JSON object and 'base' a string")
-    try:
-        tensors = {k: torch.from_numpy(np.array(a.numpy())) for k, a in arrays.items()}
-    except (TypeError, ValueError) as err:
-        raise ProtocolError(f"adapter {name!r}: unreadable tensors ({err})") from err
+    f = _Object(_json(record, "config"), f"{what} config")
+    f("r", _integer, 1)
+    f("lora_alpha", _number)
+    f("target_modules", _modules)
+    f("use_rslora", _maybe(_flag), default=None)
+    base = _text(record.get("base"), f"{what} 'base'", empty=True)
+    tensors = {_text(k, f"{what} tensor name"): torch.from_numpy(_float_array(arrays, k, what, 2)) for k in arrays}
     if not tensors:
-        raise ProtocolError(f"adapter {name!r} holds no tensors")
-    return Adapter(config=config, tensors=tensors, base_fingerprint=base)
+        raise ProtocolError(f"{what} holds no tensors")
+    return Adapter(config=f.value, tensors=tensors, base_fingerprint=base)
+
+
+def _modules(value: object, name: str) -> str | list:
+    """PEFT's target_modules: one module name (or pattern) or a list of them."""
+    return _text(value, name) if isinstance(value, str) else _texts(value, name)
 
 
 # --- train ------------------------------------------------------------------------------------
@@ -438,22 +617,44 @@ def train_request(choice: Choice, adapters: Sequence[Adapter], finetune: Mapping
 
 
 def parse_train_request(content: RecordDict) -> TrainRequest:
-    from xpert_fl.adapters import AdapterError
-
-    meta = _json(_config(content, "train"), "meta")
-    if not isinstance(meta, dict) or not isinstance(meta.get("finetune"), dict):
-        raise ProtocolError("train meta must be a JSON object with a 'finetune' object")
-    try:
-        choice = Choice.from_json(meta["choice"])
-    except (KeyError, ValueError) as err:
-        raise ProtocolError(f"train request: invalid choice ({err})") from err
+    f = _Object(_json(_config(content, "train"), "meta"), "train meta")
+    choice = f("choice", _choice)
+    finetune, compare_scratch = f("finetune", _finetune), f("compare_scratch", _flag, default=False)
     adapters = []
     for i, expected in enumerate(choice.ids):
         adapter = parse_adapter(content, f"start-{i}")
         if adapter.content_hash != expected:
-            raise AdapterError(f"received adapter {i} has content hash {adapter.content_hash}, not {expected}")
+            raise ProtocolError(f"received adapter {i} has content hash {adapter.content_hash}, not {expected}")
         adapters.append(adapter)
-    return TrainRequest(choice, tuple(adapters), meta["finetune"], bool(meta.get("compare_scratch", False)))
+    return TrainRequest(choice, tuple(adapters), finetune, compare_scratch)
+
+
+def _finetune(value: object, name: str) -> dict:
+    """The fine-tuning budget: FinetuneConfig fields, each of its annotated type, accepted by its own checks."""
+    from xpert_fl.finetune import FinetuneConfig
+
+    f = _Object(value, name)
+    hints = typing.get_type_hints(FinetuneConfig)
+    f.only(hints)
+    fields_ = {k: f(k, _typed, hints[k]) for k in value}
+    try:
+        FinetuneConfig(**fields_)
+    except ValueError as err:
+        raise ProtocolError(f"{name}: {err}") from err
+    return fields_
+
+
+def _typed(value: object, name: str, hint: object) -> object:
+    """``value`` checked against a config field's annotation: bool, int, float, str, tuple[str, ...], X | None."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        (hint,) = (a for a in args if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return _texts(value, name)
+    checks = {bool: _flag, str: _text, float: _number, int: lambda v, n: _integer(v, n, -MAX_INT, MAX_INT)}
+    return checks[hint](value, name)
 
 
 def upload_reply(
@@ -486,17 +687,14 @@ def parse_upload(content: RecordDict) -> Upload:
     metrics = content.get("finetune")
     if not isinstance(metrics, MetricRecord):
         raise ProtocolError("upload has no metric record 'finetune'")
-    report = _json(_config(content, "report"), "meta")
-    if not isinstance(report, dict):
-        raise ProtocolError("upload report must be a JSON object")
+    for key, value in metrics.items():
+        _number(value, f"upload metric {_text(key, 'upload metric name')!r}")
+    report = _Object(_json(_config(content, "report"), "meta"), "upload report")
+    for key in report.value:
+        report(key, _text)
     drift = None
     if "self_report" in content:
-        record = _arrays(content, "self_report")
-        if "drift" not in record:
-            raise ProtocolError("self_report record has no array 'drift'")
-        drift = record["drift"].numpy()
-        if drift.ndim != 1 or not np.isfinite(drift).all():
-            raise ProtocolError(f"self-reported drift must be a finite 1-D vector, got shape {drift.shape}")
-        if not isinstance(report.get("summarizer"), str):
-            raise ProtocolError("a self-reported drift must name its summarizer (report 'summarizer')")
-    return Upload(adapter, dict(metrics.items()), report, drift)
+        drift = _float_array(_arrays(content, "self_report"), "drift", "self_report", 1)
+        if "summarizer" not in report.value:
+            raise ProtocolError("a self-reported drift must name its summarizer (upload report 'summarizer')")
+    return Upload(adapter, dict(metrics.items()), report.value, drift)

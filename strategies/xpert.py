@@ -104,8 +104,10 @@ class XPerTConfig:
             raw = run_config[key]
             values[name] = bool(raw) if kind is bool else kind(raw)
         cfg = cls(**values)
-        if cfg.num_server_rounds < 1 or cfg.users_per_round < 0 or cfg.min_nodes < 1 or cfg.max_parents < 1:
-            raise ValueError("num-server-rounds, min-nodes and max-parents must be >= 1, users-per-round >= 0")
+        if cfg.num_server_rounds < 1 or cfg.users_per_round < 0 or cfg.min_nodes < 1:
+            raise ValueError("num-server-rounds and min-nodes must be >= 1, users-per-round >= 0")
+        if not 1 <= cfg.max_parents <= protocol.MAX_PARENTS:  # devices refuse a select request beyond it
+            raise ValueError(f"max-parents must be in [1, {protocol.MAX_PARENTS}], got {cfg.max_parents}")
         if not -1.0 <= cfg.self_report_min_cosine <= 1.0:
             raise ValueError(f"self-report-min-cosine is a cosine in [-1, 1], got {cfg.self_report_min_cosine}")
         parse_human_weight(cfg.human_weight)
@@ -141,7 +143,10 @@ class UserRound:
     user: str
     label: str | None  # the user's evaluation label (reported by the device; None if not reported)
     method: str = "xpert"  # the selection method the device ran (run-config selection)
-    status: str = "pending"  # ok | duplicate | select-error | select-timeout | select-invalid | train-...
+    # ok | duplicate | select-{error,timeout,invalid,unavailable} | train-{error,timeout,unavailable} |
+    # upload-invalid (the reply breaks the protocol) | upload-rejected (a well-formed adapter the server refuses:
+    # another base model, wrong shapes, too large) | explain-failed (the server's own probe or explanation failed)
+    status: str = "pending"
     error: str | None = None
     offered: int = 0  # pLLMs offered
     basis_size: int = 0  # words of the basis sent (XPerT only)
@@ -449,8 +454,11 @@ class XPerTStrategy:
                 report = (upload.self_report, upload.report["summarizer"]) if upload.self_report is not None else None
                 trust = self.config.self_report_min_cosine if self.config.self_reports else None
                 done = self.server.ingest(upload.adapter, rec.chosen, metrics, rec.label, report, trust)
-            except (protocol.ProtocolError, AdapterError, CacheError) as err:
+            except protocol.ProtocolError as err:
                 rec.fail("upload-invalid", str(err))
+                continue
+            except (AdapterError, CacheError) as err:
+                rec.fail("upload-rejected", str(err))
                 continue
             except Exception as err:  # noqa: BLE001 - a failed explanation must not end the round
                 rec.fail("explain-failed", f"{type(err).__name__}: {err}")

@@ -1,4 +1,5 @@
 import json
+import time
 
 import numpy as np
 import pytest
@@ -32,6 +33,29 @@ def test_corpus_show(capsys):
 def test_bad_corpus_is_a_clean_error(capsys, tmp_path):
     assert main(["corpus", "show", "--corpus", str(tmp_path)]) == 2
     assert "neutral.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("file", "content", "match"), [
+    ("levels.json", b"5", "levels.json: expected a JSON list"),
+    ("levels.json", b'["poetic",', "levels.json:1: not valid JSON"),
+    ("poetic.jsonl", b'{"prompt": "", "response": "\xff"}\n', "poetic.jsonl:1: not UTF-8"),
+])
+def test_a_malformed_corpus_file_is_named_without_a_traceback(capsys, tmp_path, file, content, match):
+    for style in ("neutral", "poetic"):
+        (tmp_path / f"{style}.jsonl").write_text(json.dumps({"prompt": "", "response": "text"}) + "\n")
+    (tmp_path / file).write_bytes(content)
+    assert main(["corpus", "show", "--corpus", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xpert: error: ") and match in err and str(tmp_path) in err
+
+
+def test_models_with_an_unknown_spec_offline_answers_at_once(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    assert main(["models", "--spec", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "model 'nope' is not an embedded model" in err and "HF_HUB_OFFLINE is set" in err
+    assert time.perf_counter() - start < 5
 
 
 def test_models_reports_the_converted_cache(base, capsys):

@@ -59,6 +59,27 @@ def test_bad_json_line_reports_line_number(tmp_path):
         load_corpus(tmp_path)
 
 
+def test_undecodable_line_names_file_and_line(tmp_path):
+    _ok(tmp_path)
+    (tmp_path / "poetic.jsonl").write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(CorpusError, match=r"poetic.jsonl:2: not UTF-8 text"):
+        load_corpus(tmp_path)
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("5", r"levels.json: expected a JSON list of distinct style names, got 5"),
+    ('["poetic", 3]', r"levels.json: expected a JSON list"),
+    ('["poetic", "poetic"]', r"levels.json: expected a JSON list of distinct"),
+    ('[\n"poetic",\n]', r"levels.json:3: not valid JSON"),
+    ('["ghost"]', r"levels.json: levels \['ghost'\] have no style file"),
+])
+def test_bad_levels_file_names_the_file(tmp_path, text, match):
+    _ok(tmp_path)
+    (tmp_path / "levels.json").write_text(text)
+    with pytest.raises(CorpusError, match=match):
+        load_corpus(tmp_path)
+
+
 def test_wrong_field_types(tmp_path):
     _ok(tmp_path)
     _write(tmp_path, "poetic", [{"prompt": 3, "response": "b"}])

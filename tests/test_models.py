@@ -50,6 +50,48 @@ def test_unknown_spec_is_a_clear_error(monkeypatch):
         load_model("no-such-org/no-such-model")
 
 
+def _no_hub_requests(monkeypatch):
+    """Fail the test if transformers is asked to fetch anything (offline, that is a minute of retries)."""
+    def fetch(*args, **kwargs):
+        pytest.fail("transformers was asked to load from the hub")
+
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", fetch)
+
+
+def test_an_unreachable_hub_fails_at_once_naming_the_spec(monkeypatch):
+    for name in (*models.OFFLINE_ENVS, "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_network(address, timeout):
+        assert timeout == models.HUB_CHECK_SECONDS
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(models.socket, "create_connection", no_network)
+    _no_hub_requests(monkeypatch)
+    with pytest.raises(ModelLoadError, match=r"'no-such-org/no-such-model' is not .* HF cache, and the Hugging "
+                                             r"Face hub https://\S+ cannot be reached \(\[Errno -2\]"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_offline_a_hub_id_loads_from_its_snapshot_in_the_hf_cache(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_hub_requests(monkeypatch)
+    repo = tmp_path / "models--some-org--tiny"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="'some-org/tiny': its snapshot .* has no config.json, and HF_HUB_OFF"):
+        models.resolve("some-org/tiny")
+    (snapshot / "config.json").write_text("{}")
+    assert models.resolve("some-org/tiny") == str(snapshot)
+    with pytest.raises(ModelLoadError, match="'other-org/tiny' is not .* HF cache, and HF_HUB_OFFLINE is set"):
+        models.resolve("other-org/tiny")
+
+
 def test_local_path_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(str(tmp_path))

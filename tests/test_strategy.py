@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Array, Error, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
@@ -156,7 +157,19 @@ class FakeDevice:
         metrics = {"steps": 4, "seconds": 1.5, "samples_consumed": 8, "energy_joules": 3.0, "reached_target": 1.0,
                    "steps_to_target": 2, "scratch_steps": 6, "scratch_steps_to_target": 6,
                    "scratch_reached_target": 1.0}
-        return Message(protocol.upload_reply(new, metrics, {"start": req.choice.kind}), reply_to=msg)
+        content = protocol.upload_reply(new, metrics, {"start": req.choice.kind})
+        forged = {"forged-npy": lambda: forged_npy((2**20, 2**20)),
+                  "complex": lambda: Array(np.ones((2, 4), np.complex64))}.get(self.mode)
+        if forged is not None:  # replace the first tensor of the upload
+            content["upload.arrays"][sorted(content["upload.arrays"].keys())[0]] = forged()
+        return Message(content, reply_to=msg)
+
+
+def forged_npy(shape: tuple[int, ...]) -> Array:
+    """A float32 array whose .npy header announces ``shape`` over 64 bytes of data."""
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape!r}, }}".ljust(117) + "\n"
+    data = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + b"\0" * 64
+    return Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=data)
 
 
 class FakeGrid:
@@ -197,7 +210,8 @@ def test_config_from_run_config_types_and_defaults():
     assert c.orthogonalize is False and c.max_parents == 3
     assert c.finetune_fields()["target_loss"] is None
     assert XPerTConfig.from_run_config({"target-loss": 2.5}).finetune_fields()["target_loss"] == 2.5
-    for bad in ({"merge-delta": -1.0}, {"num-server-rounds": 0}, {"users-per-round": -1}):
+    for bad in ({"merge-delta": -1.0}, {"num-server-rounds": 0}, {"users-per-round": -1}, {"max-parents": 0},
+                {"max-parents": protocol.MAX_PARENTS + 1}):  # devices refuse a select request beyond it
         with pytest.raises(ValueError):
             XPerTConfig.from_run_config(bad)
 
@@ -257,8 +271,8 @@ def test_failures_are_logged_and_skipped_and_the_round_goes_on(tmp_path):
     status = {u.user: u.status for u in result.users}
     assert status == {
         "user-0": "select-error", "user-1": "select-timeout", "user-2": "select-invalid",
-        "user-3": "train-error", "user-4": "train-timeout", "user-5": "upload-invalid",
-        "user-6": "upload-invalid", "user-7": "ok", "user-8": "duplicate",
+        "user-3": "train-error", "user-4": "train-timeout", "user-5": "upload-rejected",
+        "user-6": "upload-rejected", "user-7": "ok", "user-8": "duplicate",
     }
     by_user = {u.user: u for u in result.users}
     assert "select crashed" in by_user["user-0"].error and "not offered" in by_user["user-2"].error
@@ -267,6 +281,23 @@ def test_failures_are_logged_and_skipped_and_the_round_goes_on(tmp_path):
     assert all(by_user[f"user-{i}"].bytes[protocol.ADAPTER_DOWN] == 0 for i in range(3))
     assert len(server.cache) == 3 and by_user["user-7"].new_id in server.cache
     assert by_user["user-8"].new_id == by_user["user-8"].chosen[0]
+
+
+def test_an_upload_that_breaks_the_protocol_is_invalid_not_a_failed_explanation(tmp_path):
+    """A forged upload (a tensor whose .npy header claims 2^40 floats in 64 bytes, which numpy would try to
+    allocate; a complex tensor, which it would silently make real) is recorded as ``upload-invalid`` with
+    the parser's reason, apart from a well-formed adapter the server refuses (``upload-rejected``) and
+    from the server's own failures (``explain-failed``); the round goes on."""
+    server = make_server(tmp_path, n_initial=1)
+    devs = devices(4, {0: "forged-npy", 1: "complex", 2: "wrong-base"})
+    (result,) = XPerTStrategy(cfg(num_server_rounds=1), server).start(FakeGrid(devs))
+    by_user = {u.user: u for u in result.users}
+    assert [by_user[f"user-{i}"].status for i in range(4)] == ["upload-invalid", "upload-invalid", "upload-rejected",
+                                                                 "ok"]
+    assert "lora_A.weight' has 1099511627776 elements, over the limit" in by_user["user-0"].error
+    assert "lora_A.weight' must hold real floats" in by_user["user-1"].error
+    assert "base model" in by_user["user-2"].error
+    assert len(server.cache) == 2 and all(by_user[f"user-{i}"].new_id is None for i in range(3))
 
 
 def test_a_failed_explanation_removes_the_upload_and_the_round_goes_on(tmp_path):
@@ -413,7 +444,7 @@ def test_self_reports_explain_an_upload_only_when_they_agree_with_the_probe(tmp_
     assert done.explained_by == "probe" and done.self_report.startswith("rejected")
     with pytest.raises(protocol.ProtocolError, match="name its summarizer"):
         protocol.parse_upload(protocol.upload_reply(adapter(5), {}, {}, probe[5]))
-    with pytest.raises(protocol.ProtocolError, match="finite 1-D"):
+    with pytest.raises(protocol.ProtocolError, match="drift.* must be finite"):
         protocol.parse_upload(protocol.upload_reply(adapter(5), {}, {"summarizer": "s"}, np.full(DIM, np.nan)))
     with pytest.raises(ValueError, match="self-report-min-cosine"):
         XPerTConfig.from_run_config({"self-report-min-cosine": 2.0})

@@ -13,12 +13,17 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import snapshot_download
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -29,6 +34,8 @@ from transformers import (
 
 DEFAULT_SPEC = "smollm2-135m-instruct"
 CACHE_ENV = "XPERT_CACHE_DIR"
+OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # either one true: the hub is not asked
+HUB_CHECK_SECONDS = 3.0  # how long the quick check that the hub answers may wait
 
 
 class ModelLoadError(RuntimeError):
@@ -185,7 +192,11 @@ def _reconvert_hint(spec: str) -> str:
 
 
 def resolve(spec: str) -> str:
-    """Return what to pass to from_pretrained for a spec: a directory or a hub id."""
+    """Return what to pass to from_pretrained for a spec: a directory or a hub id.
+
+    Without a hub (offline mode set, or no connection: ``hub_unavailable``) a hub id resolves to its
+    snapshot directory in the local HF cache, or fails at once with a ModelLoadError naming the spec,
+    instead of a minute of retries."""
     if not spec or not isinstance(spec, str):
         raise ModelLoadError(f"model spec must be a non-empty string, got {spec!r}")
     if spec in EMBEDDED:
@@ -199,7 +210,43 @@ def resolve(spec: str) -> str:
                 f"model {spec!r}: {path} is not a transformers checkpoint directory (no config.json)"
             )
         return str(path)
-    return spec  # a Hugging Face id: hub or local HF cache
+    why = hub_unavailable()
+    if why is None:
+        return spec  # a Hugging Face id: hub or local HF cache
+    try:  # no hub: the id's snapshot in the local HF cache, a directory loaded without any request
+        snapshot = Path(snapshot_download(spec, local_files_only=True))
+    except (OSError, ValueError) as err:  # not in the cache (LocalEntryNotFoundError), not a valid hub id
+        known = ", ".join(sorted(EMBEDDED))
+        raise ModelLoadError(
+            f"model {spec!r} is not an embedded model ({known}), a local checkpoint directory or a Hugging Face "
+            f"id in the local HF cache, and {why}"
+        ) from err
+    if not (snapshot / "config.json").is_file():
+        raise ModelLoadError(f"model {spec!r}: its snapshot {snapshot} in the HF cache has no config.json, and {why}")
+    return str(snapshot)
+
+
+def hub_unavailable() -> str | None:
+    """Why the Hugging Face hub cannot be asked now, or None when it can (as far as a quick check tells).
+
+    Asked anyway, an offline hub costs about a minute of the hub client's retries before its error.
+    ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` are read here, at call time (huggingface_hub reads them
+    once, at import); otherwise one TCP connection to the hub's endpoint, of at most HUB_CHECK_SECONDS.
+    Behind a proxy the check is skipped: the proxy, not this machine, decides what is reachable.
+    """
+    for name in OFFLINE_ENVS:
+        if os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"}:  # huggingface_hub's true values
+            return f"{name} is set"
+    url = urlsplit(hf_constants.ENDPOINT)
+    proxied = urllib.request.getproxies().get(url.scheme) and not urllib.request.proxy_bypass(url.hostname or "")
+    if not url.hostname or proxied:
+        return None
+    try:
+        address = (url.hostname, url.port or (80 if url.scheme == "http" else 443))
+        socket.create_connection(address, timeout=HUB_CHECK_SECONDS).close()
+    except OSError as err:
+        return f"the Hugging Face hub {hf_constants.ENDPOINT} cannot be reached ({err})"
+    return None
 
 
 def load_model(spec: str = DEFAULT_SPEC, options: LoadOptions | None = None) -> LoadedModel:

@@ -117,7 +117,7 @@ class Choice:
         """Parse and validate a device's message (ValueError on anything malformed)."""
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+        except (ValueError, TypeError, RecursionError) as err:  # bad JSON or encoding, > 4300 digits, deep nesting
             raise ValueError(f"choice is not valid JSON ({err})") from err
         if not isinstance(data, dict):
             raise ValueError(f"choice must be a JSON object, got {type(data).__name__}")
@@ -350,7 +350,10 @@ def _vector(x: object, what: str) -> np.ndarray:
 def _finite(x: object, what: str) -> float:
     if isinstance(x, bool) or not isinstance(x, int | float | np.integer | np.floating):
         raise ValueError(f"{what} must be a number, got {x!r}")
-    value = float(x)
+    try:
+        value = float(x)
+    except OverflowError as err:  # an integer beyond float range
+        raise ValueError(f"{what} must be finite, got an integer beyond float range") from err
     if not math.isfinite(value):
         raise ValueError(f"{what} must be finite, got {value}")
     return value

@@ -62,8 +62,12 @@ def read_samples(path: str | Path) -> list[Sample]:
     """Samples of one JSONL file of the corpus format (a user's own data, one style file)."""
     path = Path(path)
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so that an encoding error names its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise CorpusError(f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start})") from err
             if not line.strip():
                 continue
             try:
@@ -113,11 +117,25 @@ def load_corpus(source: str | Path = "builtin") -> StyleCorpus:
             raise CorpusError(f"{path}: style {style!r} has no samples")
         styles[style] = samples
     levels_file = directory / "levels.json"
-    levels = json.loads(levels_file.read_text()) if levels_file.is_file() else []
+    levels = read_levels(levels_file) if levels_file.is_file() else []
     unknown = set(levels) - set(styles)
     if unknown:
         raise CorpusError(f"{levels_file}: levels {sorted(unknown)} have no style file")
     return StyleCorpus(name=name, styles=styles, neutral=neutral, levels=levels)
+
+
+def read_levels(path: Path) -> list[str]:
+    """The ordered style names of a ``levels.json``: a JSON list of distinct strings; anything else is a
+    CorpusError naming the file (and the line of a JSON error), not a traceback from further on."""
+    try:
+        levels = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise CorpusError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+    if not isinstance(levels, list) or not all(isinstance(x, str) for x in levels) or len(set(levels)) != len(levels):
+        raise CorpusError(f"{path}: expected a JSON list of distinct style names, got {json.dumps(levels)[:80]}")
+    return levels
 
 
 def corpus_stats(corpus: StyleCorpus) -> dict[str, dict[str, float]]:
