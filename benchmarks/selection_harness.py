@@ -48,6 +48,7 @@ from xpert_fl.data.mixing import split_roles  # noqa: E402
 from xpert_fl.evaluation import confusion, hubness, wilson  # noqa: E402
 
 METHODS = ("xpert", "text-encoder", "random", "exhaustive", "oracle")
+LOSS_METHODS = ("exhaustive", "bo", "hyperband")  # evaluate pLLMs' losses on the device: minutes per user
 # Which corpora each default parameter of the product's selection was chosen on. A result on one of
 # these corpora is a development figure; only the others say whether the default carries.
 DEVELOPMENT = {
@@ -94,8 +95,9 @@ def evaluate(corpus: str, args: argparse.Namespace) -> dict:
     check_capacity(corpus, styles, max(n for _, n in plan), args.user_samples, args.seed)
     config = ExperimentConfig(
         styles=tuple(styles), similarities=tuple(args.similarities), users_per_style=max(n for _, n in plan),
-        user_samples=args.user_samples, probe_prompts=rc["num-probe-prompts"], probe_tokens=rc["probe-max-new-tokens"],
-        pllm_steps=args.pllm_steps, methods=tuple(args.methods), human_weight=str(rc["human-weight"]),
+        user_samples=args.user_samples, probe_prompts=args.probe_prompts or rc["num-probe-prompts"],
+        probe_tokens=args.probe_tokens or rc["probe-max-new-tokens"],
+        pllm_steps=args.pllm_steps, methods=tuple(args.methods), human_weight=float(rc["human-weight"]),
     )
     name = slug(Path(corpus).name)
     work = Path(args.work) / name
@@ -115,8 +117,9 @@ def evaluate(corpus: str, args: argparse.Namespace) -> dict:
         for s, n in plan:
             chosen_users = [u for u in users if int(u.name.rsplit("#", 1)[1]) < n]
             for k, user in enumerate(chosen_users):
+                skip_loss = int(user.name.rsplit("#", 1)[1]) >= args.loss_users_per_style
                 for method in args.methods:
-                    if (s, user.name, method) in have:
+                    if (s, user.name, method) in have or (method in LOSS_METHODS and skip_loss):
                         continue
                     sel = bench.select(method, user, entries[s])
                     row = {"similarity": s, "user": user.name, "style": user.label, "method": method,
@@ -128,7 +131,8 @@ def evaluate(corpus: str, args: argparse.Namespace) -> dict:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                 print(f"  {name} s={s:g} user {k + 1}/{len(chosen_users)} {user.name}: " + ", ".join(
-                    f"{r['method']}->{r['chosen_style']}" for r in rows[-len(args.methods):]), flush=True)
+                    f"{r['method']}->{r['chosen_style']}" for r in rows if r["user"] == user.name
+                    and r["similarity"] == s), flush=True)
     return summarize(name, corpus, rows, styles, plan, args, time.perf_counter() - t0)
 
 
@@ -223,8 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="the first gets --users-per-style users, the others --small-users-per-style")
     ap.add_argument("--users-per-style", type=int, default=13, help="13 x 8 styles = 104 users")
     ap.add_argument("--small-users-per-style", type=int, default=4)
+    ap.add_argument("--loss-users-per-style", type=int, default=3,
+                    help="users per style given to the loss-evaluating methods (exhaustive, bo, hyperband)")
     ap.add_argument("--user-samples", type=int, default=8)
     ap.add_argument("--pllm-steps", type=int, default=40)
+    ap.add_argument("--probe-prompts", type=int, default=0, help="0: the run config's num-probe-prompts")
+    ap.add_argument("--probe-tokens", type=int, default=0, help="0: the run config's probe-max-new-tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="results/harness", help="caches: pLLMs, generations, drifts, rows")

@@ -35,7 +35,7 @@ from xpert_fl.explain import (  # noqa: E402
 )
 from xpert_fl.finetune import FinetuneConfig, finetune, target_from_scratch, with_target  # noqa: E402
 from xpert_fl.models import DEFAULT_SPEC, load_model  # noqa: E402
-from xpert_fl.probe import probe_prompts  # noqa: E402
+from xpert_fl.probe import probe_set  # noqa: E402
 from xpert_fl.production import build_cache  # noqa: E402
 from xpert_fl.select import nearest  # noqa: E402
 from xpert_fl.summarizer import Summarizer  # noqa: E402
@@ -49,7 +49,7 @@ class QuickstartConfig:
     similarity: float = 0.9
     pllm_steps: int = 16
     probe_prompts: int = 8
-    human_weight: float | None = None  # share of the human-text offset devices remove; None: auto
+    human_weight: float = 1.0  # share of the users' reference devices remove (Basis.human_weight)
     user_samples: int = 12
     user_steps: int = 16
     max_seq_len: int = 128
@@ -77,9 +77,9 @@ def run(cfg: QuickstartConfig) -> list[dict]:
     summarizer = Summarizer(base)
     probe = ProbeConfig()
     basis = open_basis(cache.root, summarizer, tau_orth=0.1, tau_res=0.2, orthogonalize=True)
-    prompts = probe_prompts(cfg.probe_prompts, roles["test"], seed=cfg.seed)
-    explainer = Explainer(base, summarizer, prompts, probe)
-    calibrate_users(basis, explainer, human_references(roles["test"], prompts), cfg.human_weight)
+    probes = probe_set(cfg.probe_prompts, roles["test"], seed=cfg.seed)
+    explainer = Explainer(base, summarizer, probes.prompts, probe, chat=probes.chat)
+    calibrate_users(basis, explainer, human_references(roles["test"], probes.prompts), cfg.human_weight)
     decs = explain_cache(cache, explainer, basis)
     entries = {e.id: e for e in cache.entries()}
     coords = {i: e.coords for i, e in entries.items()}

@@ -36,7 +36,7 @@ from xpert_fl.explain import (
     trusted_drift,
 )
 from xpert_fl.models import load_model
-from xpert_fl.probe import probe_prompts
+from xpert_fl.probe import probe_set
 from xpert_fl.summarizer import Drift, Summarizer, SummarizerConfig
 
 if TYPE_CHECKING:  # the sentence encoder loads only for the text-encoder baseline
@@ -83,7 +83,7 @@ class PLLMServer:
         orthogonalize: bool = True,
         complete_basis: bool = True,
         max_candidates: int = 64,
-        human_weight: float | None = None,
+        human_weight: float = 1.0,
         seed: int = 0,
     ) -> PLLMServer:
         """Load the models (once), open or create the cache and its basis, explain what is unexplained.
@@ -91,9 +91,8 @@ class PLLMServer:
         Probe prompts come from the corpus's *test* role, disjoint from every user's data, topped up
         from the built-in probe set when more are asked for (``probe.probe_prompts``).
         ``max_candidates``: candidate words Algorithm 1 may examine per pLLM (each costs one forward).
-        ``human_weight``: the share of the human-text offset devices remove (``Basis.human_weight``; None:
-        what the explained pLLMs lack of it), the offset measured on the test role's neutral answers to
-        the probe prompts.
+        ``human_weight``: the share of the users' reference devices remove (``Basis.human_weight``), the
+        reference measured on the test role's neutral human texts.
         """
         base = load_model(model)
         summ_model = base if summarizer == model else load_model(summarizer)
@@ -101,9 +100,9 @@ class PLLMServer:
         cache = PLLMCache(cache_dir, BaseInfo.from_loaded(base))
         basis = open_basis(cache.root, summ, tau_orth, tau_res, orthogonalize, complete_basis)
         test = split_roles(load_corpus(corpus), seed=seed)["test"]
-        prompts = probe_prompts(num_probe_prompts, test, seed=seed)
-        server = cls(cache, basis, Explainer(base, summ, prompts, probe or ProbeConfig()))
-        calibrate_users(basis, server.explainer, human_references(test, prompts), human_weight)
+        probes = probe_set(num_probe_prompts, test, seed=seed)
+        server = cls(cache, basis, Explainer(base, summ, probes.prompts, probe or ProbeConfig(), chat=probes.chat))
+        calibrate_users(basis, server.explainer, human_references(test, probes.prompts), human_weight)
         server.explain_pending()
         return server
 
@@ -185,9 +184,10 @@ class PLLMServer:
             return probe, "probe", f"ignored: summarizer {summarizer} is not the server's {mine.fingerprint}"
         if vector.shape != (mine.dim,):
             return probe, "probe", f"ignored: shape {vector.shape} != ({mine.dim},)"
-        used, cosine = trusted_drift(probe, vector, mine, math.inf if min_cosine is None else min_cosine)
+        # a report is a device's vector for its training data: its drift is what remains after the users'
+        # reference, as for a device's own selection; that drift is checked against the probe and used
+        drift = self.basis.user_vector(vector).astype(np.float32)
+        used, cosine = trusted_drift(probe, drift, mine, math.inf if min_cosine is None else min_cosine)
         if used is probe:
             return probe, "probe", f"rejected: cosine {cosine:.2f} with the probe drift"
-        # a report embeds human text, as a device's own drift does: both go on the pLLMs' footing
-        on_footing = Drift(self.basis.user_vector(used.vector).astype(np.float32), used.candidates, used.probabilities)
-        return on_footing, "self-report", f"trusted: cosine {cosine:.2f} with the probe drift"
+        return used, "self-report", f"trusted: cosine {cosine:.2f} with the probe drift"

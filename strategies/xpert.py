@@ -40,7 +40,7 @@ from strategies.pllm_server import PLLMServer
 from xpert_fl.adapters import AdapterError
 from xpert_fl.baselines import SELECTORS
 from xpert_fl.baselines.core import ADAPTERS, EMBEDDINGS, LABELS, selection_seed
-from xpert_fl.basis import AUTO, parse_human_weight
+from xpert_fl.basis import parse_human_weight
 from xpert_fl.cache import CacheError
 from xpert_fl.select import Choice, check_distance
 
@@ -75,7 +75,7 @@ class XPerTConfig:
     max_candidates: int = 16  # candidate words examined per pLLM at most (each costs one forward)
     merge_delta: float = math.inf  # selection distance above which a merge is tried; inf: never merge
     distance: str = "drift"  # selection distance: "drift" (between explained drifts) | "l1" (paper's Eq. 1)
-    human_weight: str = AUTO  # share of the human-vs-generated text offset devices remove: auto | a number
+    human_weight: float = 1.0  # share of the users' reference (neutral human texts' embedding) devices remove
     # opt-in (privacy): devices upload the drift of their own data; trusted when it agrees with the probe
     self_reports: bool = False
     self_report_min_cosine: float = 0.5  # the agreement (cosine with the server's probe drift) a report needs

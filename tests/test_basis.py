@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from xpert_fl import basis as basis_mod
-from xpert_fl.basis import Basis, BasisError, Decomposition, build_basis, parse_human_weight, report
+from xpert_fl.basis import META_KEY, Basis, BasisError, Decomposition, build_basis, parse_human_weight, report
 
 D = 64
 
@@ -337,7 +340,7 @@ def test_load_rejects_inconsistent_metadata(tmp_path):
         save_file({"vectors": vectors}, p, metadata=metadata)
         return p
 
-    good = {"format": 1, "words": ["a", "b"], "dim": 4, "tau_orth": 0.1, "tau_res": 0.2,
+    good = {"format": basis_mod.FORMAT_VERSION, "words": ["a", "b"], "dim": 4, "tau_orth": 0.1, "tau_res": 0.2,
             "summarizer": "s", "orthogonalize": False}  # fmt: skip
     assert Basis.load(write(good, np.eye(2, 4, dtype=np.float32))).words == ["a", "b"]
     with pytest.raises(BasisError, match="do not match"):
@@ -499,35 +502,24 @@ def test_bad_human_offset_is_refused_and_changes_nothing(offset, weight, match):
         Basis(dim=4, human_offset=offset, human_weight=weight)
 
 
-def test_auto_human_weight_is_the_share_of_h_the_pllms_lack(tmp_path):
-    """``fit_human_weight``: α = 1 - <mean pLLM drift, h>/||h||^2, clipped to [0, 1]; 0 without pLLMs; the
-    mode survives save/load; without an offset there is nothing to weigh."""
-    rng = np.random.default_rng(5)
-    h = rng.normal(size=D)
-    b = Basis(dim=D, human_offset=h, auto_weight=True)
-    noise = rng.normal(size=(6, D))
-    noise -= np.outer(noise @ h / (h @ h), h)  # styles orthogonal to h: only the h-share counts
-    assert b.fit_human_weight(list(0.3 * h + noise)) == pytest.approx(0.7, abs=1e-6)
-    assert b.human_weight == pytest.approx(0.7, abs=1e-6)
-    assert b.fit_human_weight([1.5 * h]) == 0.0 and b.fit_human_weight([-h]) == 1.0  # clipped
-    assert b.fit_human_weight([]) == 0.0
-    b.fit_human_weight(list(0.3 * h + noise))
-    got = Basis.load(b.save(tmp_path / "basis.safetensors"))
-    assert got.auto_weight and got.human_weight == pytest.approx(0.7, abs=1e-6)
-    with pytest.raises(BasisError, match="no human offset"):
-        Basis(dim=D).fit_human_weight([h])
-    with pytest.raises(BasisError, match="auto_weight needs a human offset"):
-        Basis(dim=D, auto_weight=True)
-    with pytest.raises(BasisError, match="shape"):
-        b.fit_human_weight([np.ones(D + 1)])
+def test_a_basis_of_the_older_format_is_refused_with_what_to_do(tmp_path):
+    """Format 1 held a paired drift as the users' reference; read as today's reference it would move every
+    device silently, so it is refused, saying how to rebuild it."""
+    path = Basis(dim=D, words=["w"], vectors=np.ones((1, D))).save(tmp_path / "basis.safetensors")
+    with safe_open(str(path), "numpy") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, path, metadata={META_KEY: json.dumps({**meta, "format": 1})})
+    with pytest.raises(BasisError, match="format 1, expected 2.*explain the cache again"):
+        Basis.load(path)
 
 
-@pytest.mark.parametrize("value, want", [("auto", None), (" AUTO ", None), ("0.4", 0.4), (0, 0.0), (1.5, 1.5)])
+@pytest.mark.parametrize("value, want", [("0.4", 0.4), (0, 0.0), (1.5, 1.5), ("1", 1.0)])
 def test_parse_human_weight(value, want):
     assert parse_human_weight(value) == want
 
 
-@pytest.mark.parametrize("value", ["banana", "-0.1", "nan", "inf", None])
+@pytest.mark.parametrize("value", ["banana", "auto", "-0.1", "nan", "inf", None])
 def test_bad_human_weight_is_named(value):
-    with pytest.raises(ValueError, match="human weight must be 'auto' or a finite number >= 0"):
+    with pytest.raises(ValueError, match="human weight must be a finite number >= 0"):
         parse_human_weight(value)

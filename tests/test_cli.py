@@ -91,7 +91,7 @@ def test_explain_then_select_from_the_command_line(base, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "explained 2 pLLM(s)" in out and "basis:" in out
     basis = Basis.load(cache.root / BASIS_FILE)
-    assert basis.auto_weight and 0.0 <= basis.human_weight <= 1.0 and np.linalg.norm(basis.human_offset) > 0
+    assert basis.human_weight == 1.0 and np.linalg.norm(basis.human_offset) > 0
 
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps({"prompt": x.prompt, "response": x.response}) + "\n"

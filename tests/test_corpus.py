@@ -146,3 +146,17 @@ def test_builtin_probe_set_is_disjoint_from_every_corpus_prompt():
     mixed = probe_prompts(len(own) + 10, test)
     assert set(mixed[: len(own)]) == own and set(mixed[len(own):]) < set(probes)
     assert mixed[:5] == probe_prompts(5, test)
+
+
+def test_probe_set_continues_openings_for_prompt_less_corpora_and_answers_prompts_otherwise():
+    from xpert_fl.data import split_roles
+    from xpert_fl.probe import builtin_openings, probe_set
+
+    plain = probe_set(5, split_roles(load_corpus("builtin-plain"))["test"])
+    assert not plain.chat and list(plain.prompts) == builtin_openings()[:5]
+    assert plain.contexts(None) == list(plain.prompts)  # an opening is its own context: no chat turn
+    chat = probe_set(5, split_roles(load_corpus("builtin"))["test"])
+    assert chat.chat and len(chat.prompts) == 5 and all(p.strip() for p in chat.prompts)
+    assert len(builtin_openings()) == len(set(builtin_openings())) == 64
+    with pytest.raises(ValueError, match="64 built-in openings, 65 requested"):
+        probe_set(65, split_roles(load_corpus("builtin-plain"))["test"])

@@ -67,11 +67,11 @@ def test_results_md_has_every_experiment(tmp_path):
     spec = importlib.util.spec_from_file_location("make_results_md", ROOT / "benchmarks" / "make_results_md.py")
     generator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generator)
-    generator.build(tmp_path, out)
+    generator.build(tmp_path, out, tmp_path / "harness")
     text = out.read_text()
     assert all(m.TITLE in text for m in experiments().values())
     assert "Command: `xpert experiment thresholds`" in text and "paper: accuracy" in text
-    assert text.count("Not run yet") == len(names()) - 1
+    assert text.count("Not run yet") == len(names())  # the selection harness has not run either
 
 
 # --- slow: the smallest configuration of every experiment, end to end ----------------------------------

@@ -12,13 +12,11 @@ from xpert_fl.chat import chat_prompt
 from xpert_fl.data import Sample, load_corpus, split_roles
 from xpert_fl.explain import (
     BASIS_FILE,
-    DRIFTS_FILE,
     Explainer,
     ProbeConfig,
     calibrate_users,
     explain_cache,
     human_references,
-    load_drifts,
     open_basis,
     user_coordinates,
     user_drift,
@@ -151,12 +149,10 @@ def test_adapters_to_explanations_to_selection(base, summarizer, corpus, tmp_pat
     prompts = [s.prompt for s in corpus.neutral[10:12]]
     basis = open_basis(cache.root, summarizer, tau_orth=0.1, tau_res=0.2, orthogonalize=True)
     explainer = Explainer(base, summarizer, prompts, PROBE)
-    calibrate_users(basis, explainer, corpus.neutral[10:12], None)  # the weight follows the pLLMs
+    calibrate_users(basis, explainer, corpus.neutral[10:12])
     decs = explain_cache(cache, explainer, basis, progress=False)
     assert len(decs) == 2 and basis.size >= 1
-    h, drifts = basis.human_offset.astype(np.float64), list(load_drifts(cache.root / DRIFTS_FILE).values())
-    assert basis.auto_weight and basis.human_weight == pytest.approx(
-        float(np.clip(1 - np.mean(drifts, axis=0) @ h / (h @ h), 0, 1)), abs=1e-6)
+    assert basis.human_weight == 1.0 and basis.human_offset is not None
     # words examined once are remembered by the basis, so a later pLLM may examine none of its own
     assert sum(d.examined for d in decs.values()) >= 1
     assert all(d.residual_ratio <= basis.tau_res or d.exhausted for d in decs.values())
@@ -191,17 +187,26 @@ def test_device_side_rejects_bad_input(base, summarizer):
         user_coordinates(base, summarizer, ok, [], PROBE)
 
 
-def test_prompt_less_user_data_uses_base_continuations(base, summarizer):
-    plain = load_corpus("builtin-plain")
+def test_a_device_embeds_its_own_texts_and_generates_nothing(base, summarizer, monkeypatch):
+    """Pooled (default): the device's vector is the embedding of its texts in their own contexts (chat
+    turn, or none for plain text); the base model writes nothing in their place."""
+    monkeypatch.setattr("xpert_fl.explain.generate", lambda *a, **k: pytest.fail("the device generated text"))
+    plain = load_corpus("builtin-plain").styles["tweet"][:2]
+    got = user_drift(base, summarizer, plain, PROBE).vector
+    np.testing.assert_allclose(got, summarizer.embed([s.response for s in plain], ["", ""]), rtol=1e-6)
+    chat = load_corpus("builtin").styles["poetic"][:2]
+    contexts = [chat_prompt(base.tokenizer, s.prompt) for s in chat]
+    np.testing.assert_allclose(user_drift(base, summarizer, chat, PROBE).vector,
+                               summarizer.embed([s.response for s in chat], contexts), rtol=1e-6)
     basis = Basis(dim=summarizer.dim, summarizer=summarizer.fingerprint)
-    mine = user_coordinates(base, summarizer, basis, plain.styles["tweet"][:2], PROBE)
+    mine = user_coordinates(base, summarizer, basis, plain, PROBE)
     assert mine.coords.shape == (0,) and np.isfinite(mine.drift.vector).all()
 
 
-def test_human_offset_is_a_neutral_writers_drift_and_devices_remove_its_share(base, summarizer, corpus):
-    """The server measures h once, as a device would measure a neutral human writer's drift (on the test
-    role's neutral answers to the probe prompts, reusing the base's probe answers); the basis keeps it
-    when the weight changes; a device's coordinates are Eq. 2 of its drift minus weight x h."""
+def test_users_reference_is_neutral_human_text_embedded_as_a_device_embeds(base, summarizer, corpus):
+    """The server measures h once, as a device embeds its own texts (on the test role's neutral answers to
+    the probe prompts); the basis keeps it when the weight changes; a device's coordinates are Eq. 2 of
+    its vector minus weight x h."""
     test = split_roles(corpus)["test"]
     prompts = probe_prompts(3, test)
     refs = human_references(test, prompts)

@@ -450,26 +450,12 @@ def test_self_reports_explain_an_upload_only_when_they_agree_with_the_probe(tmp_
         XPerTConfig.from_run_config({"self-report-min-cosine": 2.0})
 
 
-def test_auto_human_weight_follows_the_explained_pllms_and_reaches_devices(tmp_path):
-    """With run config human-weight = "auto" the basis refits its weight after every upload (the share of
-    h the cached pLLMs' drifts lack) and the select request carries the current one."""
-    server = make_server(tmp_path, n_initial=0)
-    h = np.random.default_rng(2).normal(size=DIM).astype(np.float32)
-    server.basis.set_human_offset(h, 0.0)
-    server.basis.auto_weight = True
-    for n in range(3):
-        server.ingest(adapter(n), [], {}, None)
-        drifts = np.stack(list(load_drifts(tmp_path / "cache" / DRIFTS_FILE).values())).astype(np.float64)
-        want = np.clip(1 - drifts.mean(0) @ h / float(h.astype(np.float64) @ h), 0, 1)
-        assert server.basis.human_weight == pytest.approx(want, abs=1e-6)
-    ids, coords = server.offer()
-    req = protocol.SelectRequest(server.basis, tuple(ids), coords, math.inf, 2, {})
-    got = protocol.parse_select_request(wire(Message(protocol.select_request(req), dst_node_id=3,
-                                                     message_type=protocol.SELECT)).content)
-    assert got.basis.human_weight == server.basis.human_weight
-    assert XPerTConfig.from_run_config({"human-weight": 0.5}).human_weight == "0.5"
-    with pytest.raises(ValueError, match="human weight must be 'auto'"):
-        XPerTConfig.from_run_config({"human-weight": "banana"})
+def test_human_weight_is_a_number_from_the_run_config():
+    assert XPerTConfig.from_run_config({}).human_weight == 1.0
+    assert XPerTConfig.from_run_config({"human-weight": 0.5}).human_weight == 0.5
+    for bad in ("banana", "auto", -1.0):
+        with pytest.raises(ValueError, match="human weight must be a finite number"):
+            XPerTConfig.from_run_config({"human-weight": bad})
 
 
 def test_protocol_round_trips_and_hides_distances():

@@ -18,7 +18,7 @@ before Eq. 3 holds, the part of ``e`` outside the basis's span becomes one more 
 the pLLM's most probable candidate word not yet in the basis. It is route (a) applied to the pLLM
 itself: its outputs *are* texts in the style the summarizer names. The basis then spans every drift,
 so coordinates keep what the drift embedding knows (a small summarizer's word vectors do not span
-the drifts; measured in benchmarks/selection_accuracy.py). Such words are listed in
+the drifts; measured in benchmarks/selection_harness.py). Such words are listed in
 ``residual_words``: their vectors are measured from data, not from the word.
 
 Earlier pLLMs vs later words: a decomposition's coordinates cover the basis as it was then (implicitly
@@ -27,14 +27,12 @@ zero on words added later). The server should re-project every pLLM on the final
 every word, so zero-padding would make Eq. 1 distances inconsistent. Re-projection leaves earlier
 entries unchanged (each ``c_i`` depends only on ``e`` and ``v_i``); it fills in the later ones.
 
-Users' footing (beyond the paper): a pLLM's drift compares generated text with generated text, a
-device's drift compares the user's *human* text with generated text, so it also carries how human
-writing differs from the base model's. The basis holds that offset ``h`` (the drift of neutral
-human-written answers, measured once by the server on public reference data) and the share ``α`` of it
-that devices remove before projecting (``user_coordinates``). A share, not all of it: pLLMs trained
-on human text already carry part of ``h`` in their own drifts. With ``auto_weight`` the basis reads
-that part off the pLLMs it explains (``fit_human_weight``): no weight is fitted on users
-(benchmarks/selection_accuracy.py).
+Users' reference (beyond the paper): a pLLM's drift is how its texts differ from the base model's on
+the probe prompts; a device's vector is where its own texts sit (``Summarizer.embed``). The basis
+holds the same embedding of neutral human-written texts, ``h`` (measured once by the server on public
+reference data), and devices remove ``α·h`` before projecting (``user_coordinates``), so a user's
+drift is how its writing differs from neutral human writing. ``α`` is 1 by default; 0 projects the
+raw embedding (an ablation).
 """
 
 from __future__ import annotations
@@ -54,7 +52,7 @@ from safetensors.numpy import save_file
 
 from xpert_fl.select import check_distance
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: h is the embedding of neutral human texts (1: a paired drift)
 META_KEY = "xpert_basis"
 TENSOR_KEY = "vectors"
 OFFSET_KEY = "human_offset"
@@ -62,21 +60,17 @@ _ZERO = 1e-12  # norms at or below this are "zero": hidden states are never that
 _ORTHO_TOL = 1e-4  # float32 Gram–Schmidt vectors are orthogonal to ~1e-7; anything worse is not
 
 SubVector = Callable[[str], "np.ndarray | None"]
-AUTO = "auto"  # a configured human weight read off the explained pLLMs (Basis.fit_human_weight)
 
 
-def parse_human_weight(value: str | float) -> float | None:
-    """A configured human weight: ``"auto"`` (None) or a number >= 0. ValueError names the problem."""
-    if isinstance(value, str) and value.strip().lower() == AUTO:
-        return None
+def parse_human_weight(value: str | float) -> float:
+    """A configured human weight: a number >= 0. ValueError names the problem."""
     try:
         weight = float(value)
     except (TypeError, ValueError):
         weight = math.nan
     if not (math.isfinite(weight) and weight >= 0.0):
-        raise ValueError(f"human weight must be {AUTO!r} or a finite number >= 0, got {value!r}")
+        raise ValueError(f"human weight must be a finite number >= 0, got {value!r}")
     return weight
-
 
 
 class BasisError(ValueError):
@@ -112,9 +106,8 @@ class Basis:
     complete: bool = False
     rejected: set[str] = field(default_factory=set, repr=False)
     residual_words: set[str] = field(default_factory=set)
-    human_offset: np.ndarray | None = None  # h (dim,): drift of neutral human text from the base's text
-    human_weight: float = 0.0  # α: the share of h devices remove from their drifts (user_coordinates)
-    auto_weight: bool = False  # α follows the explained pLLMs (fit_human_weight), else it is fixed
+    human_offset: np.ndarray | None = None  # h (dim,): the embedding of neutral human text (users' reference)
+    human_weight: float = 0.0  # α: the share of h devices remove from their vectors (user_coordinates)
 
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int | np.integer) or self.dim < 1:
@@ -148,8 +141,6 @@ class Basis:
         if not self.residual_words <= set(self.words):
             raise BasisError(f"residual words {sorted(self.residual_words - set(self.words))} are not basis words")
         self.set_human_offset(self.human_offset, self.human_weight)
-        if self.auto_weight and self.human_offset is None:
-            raise BasisError("auto_weight needs a human offset vector")
 
     def set_human_offset(self, offset: np.ndarray | None, weight: float) -> None:
         """Set ``h`` and ``α`` (validated together: a weight needs an offset). All or nothing."""
@@ -184,23 +175,9 @@ class Basis:
         """Eq. 2: ``c_i = <e, v_i> / ||v_i||^2`` (float64, shape (k,))."""
         return _coords(self._embedding(e), self._v64())
 
-    def fit_human_weight(self, pllm_drifts: Sequence[np.ndarray]) -> float:
-        """Set α to the share of ``h`` the pLLMs' drifts lack, ``1 - <mean pLLM drift, h> / ||h||^2``
-        (clipped to [0, 1]), and return it. Why: a user's drift carries all of ``h``, a pLLM's only the
-        part its human training text left in its generations; removing the rest puts both on one footing.
-        Measured: it tracks the weight fitted on users across pLLM training and probe length. No pLLM: 0.
-        """
-        if self.human_offset is None:
-            raise BasisError("no human offset to weigh: measure one first (explain.calibrate_users)")
-        h = self.human_offset.astype(np.float64)
-        rows = [self._embedding(d) for d in pllm_drifts]
-        weight = float(np.clip(1.0 - np.mean(rows, axis=0) @ h / (h @ h), 0.0, 1.0)) if rows and h @ h > _ZERO else 0.0
-        self.set_human_offset(self.human_offset, weight)
-        return weight
-
     def user_vector(self, e: np.ndarray) -> np.ndarray:
-        """A drift of human text (a device's data, an uploader's self-report) on the pLLMs' footing:
-        ``e - α·h`` (float64). ``e`` itself when the basis has no weighted offset."""
+        """A device's vector (its data, or an uploader's self-report) as a drift from neutral human text:
+        ``e - α·h`` (float64). ``e`` itself when the basis has no weighted reference."""
         e = self._embedding(e)
         return e - self.human_weight * self.human_offset.astype(np.float64) if self.human_weight else e
 
@@ -319,7 +296,6 @@ class Basis:
             "rejected": sorted(self.rejected),
             "residual_words": sorted(self.residual_words),
             "human_weight": self.human_weight,
-            "auto_weight": self.auto_weight,
         }
         tensors = {TENSOR_KEY: self.vectors}
         if self.human_offset is not None:
@@ -351,14 +327,15 @@ class Basis:
         try:
             meta = json.loads(raw_meta)
             if meta["format"] != FORMAT_VERSION:
-                raise BasisError(f"basis {path}: format {meta['format']}, expected {FORMAT_VERSION}")
+                raise BasisError(f"basis {path}: format {meta['format']}, expected {FORMAT_VERSION}; its users' "
+                                 "reference is of an older kind: delete it and drifts.safetensors beside it, and "
+                                 "explain the cache again (xpert explain)")
             keys = ("words", "dim", "tau_orth", "tau_res", "summarizer", "orthogonalize")
             fields = {k: meta[k] for k in keys}
             rejected = meta.get("rejected", [])
             fields["complete"] = bool(meta.get("complete", False))
             fields["residual_words"] = set(meta.get("residual_words", []))
             fields["human_weight"] = float(meta.get("human_weight", 0.0))
-            fields["auto_weight"] = bool(meta.get("auto_weight", False))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise BasisError(f"basis {path}: bad metadata ({err!r})") from err
         if expect_summarizer is not None and fields["summarizer"] != expect_summarizer:

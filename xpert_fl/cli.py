@@ -111,15 +111,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from xpert_fl.cache import PLLMCache
     from xpert_fl.data import split_roles
     from xpert_fl.explain import Explainer, calibrate_users, explain_cache, human_references, open_basis
-    from xpert_fl.probe import probe_prompts
+    from xpert_fl.probe import probe_set
 
     base, summarizer, probe = _method(args)
     cache = PLLMCache(args.cache)
     basis = open_basis(cache.root, summarizer, args.tau_orth, args.tau_res, args.orthogonalize, args.complete)
     test = split_roles(load_corpus(args.corpus))["test"]  # held out from every pLLM and user, as the server's
-    prompts = probe_prompts(args.probe_prompts, test)
-    explainer = Explainer(base, summarizer, prompts, probe)
-    calibrate_users(basis, explainer, human_references(test, prompts), args.human_weight)
+    probes = probe_set(args.probe_prompts, test)
+    explainer = Explainer(base, summarizer, probes.prompts, probe, chat=probes.chat)
+    calibrate_users(basis, explainer, human_references(test, probes.prompts), args.human_weight)
     start = time.perf_counter()
     decs = explain_cache(cache, explainer, basis)
     seconds = time.perf_counter() - start
@@ -203,7 +203,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _human_weight(value: str) -> float | None:
+def _human_weight(value: str) -> float:
     from xpert_fl.basis import parse_human_weight
 
     try:
@@ -273,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper's Algorithm 1 only: no residual word when candidate words run out")
     p.add_argument("--corpus", default="builtin",
                    help="probe prompts and neutral human answers come from its held-out test role")
-    p.add_argument("--human-weight", type=_human_weight, default="auto",
-                   help="share of the human-vs-generated text offset devices remove from their drift: "
-                        "auto (what the explained pLLMs lack of it; default) or a number (0: none)")
+    p.add_argument("--human-weight", type=_human_weight, default=1.0,
+                   help="share of the users' reference (the embedding of neutral human texts) devices remove "
+                        "from their vector (default 1; 0: none)")
     method_args(p)
     p.set_defaults(func=cmd_explain)
 

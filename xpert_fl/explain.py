@@ -2,14 +2,14 @@
 
 Server (paper §3.1, §4): probe base and pLLM with the same prompts, embed their drift, decompose it
 over the common basis (growing it when needed) -> coordinates + words ("0.42 sarcastic · ...").
-Device (§3.2): embed the drift of the user's own texts from the base model's answers to the same
-prompts (or, for prompt-less text, base continuations of the same prefixes), and project it on the
-received basis without adding to it. Only the choice leaves the device.
+Device (§3.2): embed the user's own texts, remove the users' reference the basis carries (the same
+embedding of neutral human texts, measured once by the server on public data:
+``Explainer.human_offset``) and project the resulting drift on the received basis without adding to
+it (``Basis.user_coordinates``). Only the choice leaves the device.
 
-A device's drift compares human text with generated text, a pLLM's generated with generated; the
-server measures the difference once (``Explainer.human_offset``: the drift of neutral human answers,
-from public reference data) and the basis carries it, so devices remove a share of it before they
-project (``Basis.user_coordinates``).
+Both drifts say how a writer differs from its neutral counterpart: a pLLM from the base model on the
+probe prompts, a user from neutral human writing. Neither is a paired difference on the user's own
+prompts, which would cancel the topic a user's texts share with them (``user_drift``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from xpert_fl.cache import CacheEntry, PLLMCache
 from xpert_fl.chat import chat_prompt
 from xpert_fl.data.corpus import Sample, StyleCorpus
 from xpert_fl.models import LoadedModel
-from xpert_fl.probe import generate
+from xpert_fl.probe import ProbeSet, generate
 from xpert_fl.summarizer import Drift, Summarizer
 
 
@@ -57,10 +57,15 @@ class Explanation:
 class Explainer:
     """Server side: explains adapters over a fixed probe set; base answers are computed once."""
 
-    def __init__(self, base: LoadedModel, summarizer: Summarizer, prompts: Sequence[str], probe: ProbeConfig):
+    def __init__(
+        self, base: LoadedModel, summarizer: Summarizer, prompts: Sequence[str], probe: ProbeConfig, chat: bool = True
+    ):
+        """``chat``: the prompts are instructions answered in a chat turn; False: plain openings the
+        models continue as text (prompt-less corpora, ``probe.probe_set``)."""
         if not prompts:
             raise ValueError("at least one probe prompt is needed")
         self.base, self.summarizer, self.prompts, self.probe = base, summarizer, list(prompts), probe
+        self.chat = chat
         self._base_answers: list[str] | None = None
 
     @property
@@ -71,26 +76,30 @@ class Explainer:
 
     def _answers(self, model) -> list[str]:
         p = self.probe
-        return generate(model, self.base.tokenizer, self.prompts, p.max_new_tokens, p.batch_size)
+        return generate(model, self.base.tokenizer, self.prompts, p.max_new_tokens, p.batch_size, chat=self.chat)
 
     def pllm_answers(self, adapter: Adapter) -> list[str]:
-        return adapter_answers(self.base, adapter, self.prompts, self.probe)
+        return adapter_answers(self.base, adapter, self.prompts, self.probe, chat=self.chat)
+
+    @property
+    def contexts(self) -> list[str]:
+        """The text each probe answer follows (its chat turn, or the opening it continues)."""
+        return ProbeSet(tuple(self.prompts), self.chat).contexts(self.base.tokenizer)
 
     def drift(self, adapter: Adapter) -> Drift:
-        contexts = [chat_prompt(self.base.tokenizer, p) for p in self.prompts]
-        return self.summarizer.drift(self.base_answers, _nonempty(self.pllm_answers(adapter)), contexts)
+        return self.summarizer.drift(_nonempty(self.base_answers), _nonempty(self.pllm_answers(adapter)), self.contexts)
 
     def base_texts(self, prompts: list[str], chat: bool) -> list[str]:
         """The base's texts in the place of a device's (a :data:`BaseAnswers`); its answers to the probe
         prompts are reused."""
-        if chat and set(prompts) <= set(self.prompts):
+        if chat == self.chat and set(prompts) <= set(self.prompts):
             known = dict(zip(self.prompts, self.base_answers, strict=True))
             return [known[p] for p in prompts]
         return base_generator(self.base, self.probe)(prompts, chat)
 
     def human_offset(self, references: Sequence[Sample]) -> np.ndarray:
-        """``h``: the drift of neutral human-written texts from what the base writes in their place,
-        computed exactly as a device computes its own drift (``user_drift``)."""
+        """``h``: the users' reference, neutral human-written texts embedded exactly as a device embeds
+        its own (``user_drift``)."""
         return user_drift(self.base, self.summarizer, references, self.probe, base_answers=self.base_texts).vector
 
     def explain(self, adapter: Adapter, basis: Basis) -> Explanation:
@@ -127,12 +136,23 @@ def user_drift(
     probe: ProbeConfig,
     base_answers: BaseAnswers | None = None,
 ) -> Drift:
-    """Drift of a user's own texts from what the base model writes in their place (like with like).
+    """The device's vector for its own texts, before the basis's users' reference is removed
+    (``Basis.user_vector``).
 
-    ``base_answers`` (default :func:`base_generator`) lets an evaluation reuse stored base answers.
+    Pooled embeddings (default): the embedding of the texts themselves, each in its own context (its
+    chat turn, or nothing for plain text), ``Summarizer.embed``; the base model generates nothing. The
+    reference the device then removes is the same embedding of neutral human texts, measured by the
+    server (``Explainer.human_offset``), so the user's drift is how its writing differs from neutral
+    human writing, as a pLLM's drift is how its writing differs from the base's.
+    The paper's slot embedding reads pairs, so there the device pairs its texts with what the base
+    model writes in their place (its answers to the same prompts, or continuations of the same
+    prefixes); ``base_answers`` (default :func:`base_generator`) lets an evaluation reuse stored ones.
     """
     if not samples:
         raise ValueError("user data is empty: at least one sample is needed to compute coordinates")
+    if summarizer.pooled:
+        texts = _nonempty([s.response for s in samples])
+        return Drift(summarizer.embed(texts, [chat_prompt(base.tokenizer, s.prompt) for s in samples]))
     answer = base_answers or base_generator(base, probe)
     chat = [s for s in samples if s.prompt]
     plain = [s for s in samples if not s.prompt]
@@ -148,7 +168,7 @@ def user_drift(
         styled += list(rests)
         contexts += list(prefixes)
     # the device only maps onto the received basis: no candidate words, so no slot prompts to run
-    return summarizer.drift(_nonempty(refs), styled, contexts, candidates=False)
+    return summarizer.drift(_nonempty(refs), _nonempty(styled), contexts, candidates=False)
 
 
 def user_coordinates(
@@ -173,20 +193,16 @@ def human_references(test: StyleCorpus, prompts: Sequence[str]) -> list[Sample]:
     return [by_prompt[p] for p in prompts if p in by_prompt]
 
 
-def calibrate_users(
-    basis: Basis, explainer: Explainer, references: Sequence[Sample], weight: float | None = None
-) -> None:
-    """Give the basis the human offset devices remove: ``h`` is measured once per basis (on
-    ``references``) and kept; the weight is fixed (a number) or follows the explained pLLMs (None:
-    ``explain_cache`` refits it whenever it explains). Weight 0 with no ``h`` measures nothing."""
+def calibrate_users(basis: Basis, explainer: Explainer, references: Sequence[Sample], weight: float = 1.0) -> None:
+    """Give the basis the users' reference devices remove (``h``, with weight ``weight``): measured once
+    per basis on ``references`` and kept. Weight 0 with no ``h`` measures nothing."""
     _check_basis(basis, explainer.summarizer)
     h = basis.human_offset
-    if h is None and (weight is None or weight > 0):
+    if h is None and weight > 0:
         if not references:
-            raise ValueError("a human weight needs neutral human reference texts to measure the offset on")
+            raise ValueError("a human weight needs neutral human reference texts to measure the reference on")
         h = explainer.human_offset(references)
-    basis.set_human_offset(h, basis.human_weight if weight is None else weight)  # auto: refit by explain_cache
-    basis.auto_weight = weight is None
+    basis.set_human_offset(h, weight)
 
 
 def _check_basis(basis: Basis, summarizer: Summarizer) -> None:
@@ -265,7 +281,7 @@ def trusted_drift(
 
     Why: a user's data and a self-report are both human text, while probe answers are the pLLM's short
     generations; on the built-in corpus self-reported pLLMs were chosen right more often (benchmarks/
-    selection_accuracy.py). Why the check: a device could report anything; the probe is the server's
+    selection_harness.py). Why the check: a device could report anything; the probe is the server's
     own evidence. It rejects unrelated or forged vectors, not a report of a neighbouring style.
     Returns the drift used and the cosine (None without a report). A report of the wrong dimension is
     a ValueError.
@@ -291,8 +307,7 @@ def explain_cache(
     given: Mapping[str, Drift] | None = None,
 ) -> dict[str, Decomposition]:
     """Explain cache entries that have no drift yet (Algorithm 1, sequentially), then re-project every
-    entry on the final basis so all coordinates share its words (and refit an automatic human weight);
-    persist basis, drifts, explanations.
+    entry on the final basis so all coordinates share its words; persist basis, drifts, explanations.
     ``given``: drifts already computed by id (e.g. a trusted self-report), used instead of probing."""
     root = Path(cache.root)
     drifts = load_drifts(root / DRIFTS_FILE)
@@ -302,8 +317,6 @@ def explain_cache(
         d = given[entry_id] if given and entry_id in given else explainer.drift(cache.load_adapter(entry_id))
         decompositions[entry_id] = basis.decompose(d.vector, d.candidates, explainer.summarizer.subvector)
         drifts[entry_id] = d.vector
-    if basis.auto_weight:
-        basis.fit_human_weight(list(drifts.values()))
     basis.save(root / BASIS_FILE)
     save_drifts(root / DRIFTS_FILE, drifts)
     for entry in cache.entries():

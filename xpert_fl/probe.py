@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 
 import torch
@@ -19,12 +20,40 @@ from xpert_fl.chat import chat_prompt
 from xpert_fl.data.corpus import StyleCorpus
 
 
+@dataclass(frozen=True)
+class ProbeSet:
+    """What pLLMs are probed with: instructions answered in a chat turn, or (prompt-less corpora) plain
+    openings the pLLM continues as text."""
+
+    prompts: tuple[str, ...]
+    chat: bool = True
+
+    def contexts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """The text each answer follows: its chat turn, or the opening itself."""
+        return [chat_prompt(tokenizer, p) for p in self.prompts] if self.chat else list(self.prompts)
+
+
+def probe_set(n: int, corpus: StyleCorpus | None = None, seed: int = 0) -> ProbeSet:
+    """The server's probes for a corpus (pass its held-out *test* role): ``probe_prompts`` for
+    instruction data; for a prompt-less corpus the first ``n`` built-in openings, continued as plain
+    text. Why openings: a pLLM trained on plain text never saw a chat turn, and a prefix of someone's
+    text imposes that text's topic; from a bare opening it writes what it learned. On debian-fortunes
+    (benchmarks/selection_harness.py) openings took the text encoder from 0.36 to 0.62 over neutral
+    prefixes."""
+    if corpus is not None and corpus.neutral and not any(s.prompt for s in corpus.neutral):
+        openings = builtin_openings()
+        if n > len(openings):
+            raise ValueError(f"prompt-less corpus {corpus.name}: {len(openings)} built-in openings, {n} requested")
+        return ProbeSet(tuple(openings[:n]), chat=False)
+    return ProbeSet(tuple(probe_prompts(n, corpus, seed)), chat=True)
+
+
 def probe_prompts(n: int = 50, corpus: StyleCorpus | None = None, seed: int = 0) -> list[str]:
     """``n`` probe instructions, a fixed deterministic sample: a corpus's own prompts first (pass its
     held-out *test* role), topped up from the built-in probe set; without a corpus, the probe set alone.
 
     Why this order: prompts from the users' own domain reveal a style better. On the built-in corpus
-    (benchmarks/selection_accuracy.py, 240 users) 16 held-out corpus prompts selected better than
+    (benchmarks/selection_harness.py, 240 users) 16 held-out corpus prompts selected better than
     16, and even 48, generic everyday prompts of the probe set.
     """
     own = sorted({s.prompt for s in corpus.neutral if s.prompt}) if corpus is not None else []
@@ -42,8 +71,17 @@ def probe_prompts(n: int = 50, corpus: StyleCorpus | None = None, seed: int = 0)
 def builtin_probe_set() -> list[str]:
     """The built-in probe prompts (``xpert_fl/data/builtin/probes.json``), in file order: 64 everyday
     instructions disjoint from every built-in corpus prompt (no pLLM trained on them, no user wrote them)."""
-    text = (resources.files("xpert_fl.data") / "builtin" / "probes.json").read_text(encoding="utf-8")
-    return list(json.loads(text)["prompts"])
+    return list(_probes_file()["prompts"])
+
+
+def builtin_openings() -> list[str]:
+    """The built-in openings for prompt-less corpora (``probes.json``), in file order: 64 generic
+    sentence starts with no topic of their own."""
+    return list(_probes_file()["openings"])
+
+
+def _probes_file() -> dict:
+    return json.loads((resources.files("xpert_fl.data") / "builtin" / "probes.json").read_text(encoding="utf-8"))
 
 
 @torch.no_grad()

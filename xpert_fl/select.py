@@ -14,7 +14,7 @@ reconstruct, ``||Σ_i (c_i − u_i) v_i||₂``. On an orthogonal basis that is e
 of the drift embeddings themselves (minus the user's part outside the basis, the same for every pLLM),
 so it does not depend on the order in which pLLMs built the basis, and it does not inflate words whose
 sub-vector is short, as L1 on coefficients does. It selected better on the embedded summarizer
-(benchmarks/selection_accuracy.py); the run config's ``distance`` chooses.
+(benchmarks/selection_harness.py); the run config's ``distance`` chooses.
 
 Selection rule (``select``), with ``n`` = nearest single pLLM (Eq. 1) and ``m`` = best merge:
 

@@ -6,7 +6,7 @@ embedding is ``S``'s final hidden state at the position that predicts that adjec
 answer prefix opens the adjective slot (without it the next token is "The"/"Text"), and the top
 next-token words there are the candidate words of Algorithm 1 in every embedding mode.
 
-Measured on the embedded 135M model (benchmarks/selection_accuracy.py), the slot vector of a small
+Measured on the embedded 135M model (benchmarks/selection_harness.py), the slot vector of a small
 summarizer keeps too little of the style, so the default reads the style where the text itself is
 encoded: ``response-pool`` mean-pools ``S``'s hidden states over the styled text's tokens, placed
 in its own context (the chat turn answering its prompt, or the prefix it continues) at a late
@@ -286,6 +286,26 @@ class Summarizer:
             return Drift(vector.astype(np.float32))
         words, p = self.candidate_words(probs.mean(0))
         return Drift(vector.astype(np.float32), words, p)
+
+    def embed(self, texts: Sequence[str], contexts: Sequence[str] | None = None) -> np.ndarray:
+        """Where a set of texts sits in the embedding space: the mean of their pools (whitened like
+        drifts), each text read after its own context (``contexts[i]``: its chat turn or ""). Pooled
+        embeddings only: the paper's slot reads a *pair* of texts and has no position for one text.
+
+        A device embeds its own texts this way and the server embeds public neutral human texts the same
+        way; their difference is the user's drift. Why not the base model's texts in place of the user's
+        (a paired difference, as for pLLMs): a pair shares its prompt or prefix, so the difference cancels
+        the topic and register a user's texts share with their own prompts, which a pLLM's drift on
+        generic probe prompts keeps; on human-written corpora that mismatch decided selection
+        (benchmarks/selection_harness.py)."""
+        if not self.pooled:
+            raise ValueError("the slot embedding compares two texts; embed() needs a pooled embedding")
+        if not texts or any(not (t or "").strip() for t in texts):
+            raise ValueError("need at least one text, and no empty text, to embed")
+        vector = self._pooled(self._contexts(contexts, len(texts)), texts).mean(0)
+        if not np.isfinite(vector).all():
+            raise ValueError("text embedding is not finite")
+        return vector.astype(np.float32)
 
     def candidate_words(self, probs: np.ndarray) -> tuple[list[str], list[float]]:
         """Top next-token words at the adjective slot (paper §4.2), merged over case, descending."""

@@ -29,7 +29,6 @@ from xpert_fl.baselines import Selection, SelectionTask, Selector, make_selector
 from xpert_fl.baselines.core import selection_seed
 from xpert_fl.basis import Basis, Decomposition, parse_human_weight
 from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
-from xpert_fl.chat import chat_prompt
 from xpert_fl.data import load_corpus, split_roles, user_samples
 from xpert_fl.data.corpus import Sample
 from xpert_fl.evaluation import TextStore
@@ -46,7 +45,7 @@ from xpert_fl.explain import (
 )
 from xpert_fl.finetune import FinetuneConfig, FinetuneResult, finetune, target_from_scratch, with_target
 from xpert_fl.models import DEFAULT_SPEC, load_model
-from xpert_fl.probe import generate, probe_prompts
+from xpert_fl.probe import ProbeSet, generate, probe_set
 from xpert_fl.production import build_cache
 from xpert_fl.select import nearest
 from xpert_fl.summarizer import Drift, Summarizer
@@ -75,7 +74,7 @@ class StoredExplainer(Explainer):
     """The server's explainer with its generations and drifts kept in the workbench's stores."""
 
     def __init__(self, bench: Workbench, summarizer: Summarizer):
-        super().__init__(bench.base, summarizer, bench.probe_prompts, bench.probe)
+        super().__init__(bench.base, summarizer, bench.probe_prompts, bench.probe, chat=bench.chat)
         self.bench = bench
 
     def _answers(self, model) -> list[str]:
@@ -135,12 +134,9 @@ class Workbench:
     # --- generations --------------------------------------------------------------------------
     @cached_property
     def probe_prompts(self) -> list[str]:
-        """The test role's prompts (never in any pLLM's training data, nor a user's), topped up from the
-        built-in probe set, as the server picks them; for plain text, prefixes of the test role's passages."""
-        if self.chat:
-            return probe_prompts(self.cfg.probe_prompts, self.roles["test"], seed=self.seed)
-        test = self.roles["test"].neutral
-        return [" ".join(s.response.split()[:8]) for s in test][: self.cfg.probe_prompts]
+        """The server's probes (``probe.probe_set``): the test role's prompts (never in any pLLM's training
+        data, nor a user's) topped up from the built-in probe set; for plain text, the built-in openings."""
+        return list(probe_set(self.cfg.probe_prompts, self.roles["test"], seed=self.seed).prompts)
 
     @cached_property
     def probe_digest(self) -> str:
@@ -187,7 +183,7 @@ class Workbench:
         path, store = self._drift_store(summarizer)
         if adapter.content_hash not in store:
             prompts = self.probe_prompts
-            contexts = [chat_prompt(self.base.tokenizer, p) for p in prompts] if self.chat else prompts
+            contexts = ProbeSet(tuple(prompts), self.chat).contexts(self.base.tokenizer)
             d = summarizer.drift(_nonempty(self.answers(None, prompts)), _nonempty(self.answers(adapter, prompts)),
                                  contexts)
             store[adapter.content_hash] = {"vector": d.vector.tolist(), "candidates": d.candidates,

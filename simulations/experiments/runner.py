@@ -23,8 +23,6 @@ from typing import Protocol
 
 import jsonschema
 
-from xpert_fl.basis import AUTO
-
 SCHEMA_ID = "xpert-fl/experiment/1"
 SCALAR = {"type": ["string", "number", "boolean", "null"]}
 RESULT_SCHEMA: dict = {
@@ -80,7 +78,7 @@ class ExperimentConfig:
     tau_orth: tuple[float, ...] = (0.01, 0.1, 0.5)
     tau_res: tuple[float, ...] = (0.02, 0.2, 0.6)
     paper_basis: bool = False  # Algorithm 1 as published (no Gram-Schmidt, no residual completion)
-    human_weight: str = AUTO  # share of the human-text offset devices remove: auto | a number
+    human_weight: float = 1.0  # share of the users' reference devices remove (Basis.human_weight)
     mixes: tuple[str, ...] = ("sarcastic+poetic",)
     level_samples: int = 6  # texts per level user (latent-space)
     level_users: int = 2
