@@ -72,10 +72,12 @@ def check_capacity(corpus_dir: str, styles: list[str], users_per_style: int, sam
     for style in styles:
         have = len(roles["user"].styles.get(style, []))
         if have < users_per_style * samples:
+            fixes = [f"--users-per-style to {have // samples}"] if have >= samples else []
+            fixes += [f"--user-samples to {have // users_per_style}"] if have >= users_per_style else []
             raise HarnessError(
                 f"corpus {corpus_dir}: style {style!r} has {have} user-role samples, enough for "
-                f"{have // samples} users of {samples} samples, not {users_per_style}; lower --users-per-style "
-                f"to {have // samples} or --user-samples to {have // users_per_style}, or give the style more text"
+                f"{have // samples} users of {samples} samples, not {users_per_style}; lower "
+                + " or ".join(fixes + ["give the style more text"])
             )
 
 
@@ -192,8 +194,8 @@ def plot_summary(results: list[dict], path: Path) -> None:
         for r in results:
             v = r["results"][next(iter(r["results"]))][m]
             vals.append(v["accuracy"])
-            lo.append(v["accuracy"] - v["ci95"][0])
-            hi.append(v["ci95"][1] - v["accuracy"])
+            lo.append(max(0.0, v["accuracy"] - v["ci95"][0]))  # float rounding at 0 and 1
+            hi.append(max(0.0, v["ci95"][1] - v["accuracy"]))
         ax.bar(np.arange(len(results)) + (j - (len(methods) - 1) / 2) * width, vals, width, yerr=[lo, hi], capsize=2,
                label=m)
     ax.set_xticks(range(len(results)), [f"{r['corpus']}\n(n={r['results'][next(iter(r['results']))][methods[0]]['n']})"

@@ -36,7 +36,8 @@ def test_a_corpus_too_small_is_refused_before_training(tiny_corpus, tmp_path, ca
             "--out", str(tmp_path / "out")]
     assert harness.main(args) == 2
     err = capsys.readouterr().err
-    assert "style 'sarcastic' has" in err and "lower --users-per-style to" in err
+    assert "style 'poetic' has 12 user-role samples, enough for 1 users of 8 samples, not 50" in err
+    assert "lower --users-per-style to 1 or give the style more text" in err
     assert not (tmp_path / "w").exists()  # nothing trained
 
 
