@@ -53,7 +53,8 @@ LOSS_METHODS = ("exhaustive", "bo", "hyperband")  # evaluate pLLMs' losses on th
 # these corpora is a development figure; only the others say whether the default carries.
 DEVELOPMENT = {
     "summarizer layer, whitening texts, probe prompts (pre-2026-12)": ["builtin"],
-    "user reference (fixed neutral human reference, not paired base texts)": ["debian-fortunes"],
+    "users' reference (neutral human texts' embedding, not paired base texts)": ["debian-fortunes"],
+    "openings as probes for prompt-less corpora": ["debian-fortunes"],
 }
 
 
@@ -103,6 +104,9 @@ def evaluate(corpus: str, args: argparse.Namespace) -> dict:
     )
     name = slug(Path(corpus).name)
     work = Path(args.work) / name
+    _check_resume(work, {"probe_prompts": config.probe_prompts, "probe_tokens": config.probe_tokens,
+                         "pllm_steps": config.pllm_steps, "user_samples": config.user_samples, "seed": args.seed,
+                         "human_weight": config.human_weight})
     ctx = Context(name="selection-harness", out=Path(args.out), config=config, corpus=corpus, seed=args.seed,
                   work=work, source_cache=Path(args.cache_from) / name if args.cache_from else None,
                   threads=args.threads)
@@ -136,6 +140,21 @@ def evaluate(corpus: str, args: argparse.Namespace) -> dict:
                     f"{r['method']}->{r['chosen_style']}" for r in rows if r["user"] == user.name
                     and r["similarity"] == s), flush=True)
     return summarize(name, corpus, rows, styles, plan, args, time.perf_counter() - t0)
+
+
+def _check_resume(work: Path, setting: dict) -> None:
+    """Rows measured under one setting must not be mixed with another's: the work dir keeps its setting
+    and a run with a different one is refused, naming what differs."""
+    path = work / "setting.json"
+    if path.is_file():
+        had = json.loads(path.read_text())
+        differ = {k: (had.get(k), v) for k, v in setting.items() if had.get(k) != v}
+        if differ:
+            what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+            raise HarnessError(f"{work} holds rows measured with another setting ({what}); pass another --work")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(setting))
 
 
 def summarize(name: str, corpus: str, rows: list[dict], styles: list[str], plan, args, seconds: float) -> dict:
@@ -229,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the first gets --users-per-style users, the others --small-users-per-style")
     ap.add_argument("--users-per-style", type=int, default=13, help="13 x 8 styles = 104 users")
     ap.add_argument("--small-users-per-style", type=int, default=4)
-    ap.add_argument("--loss-users-per-style", type=int, default=3,
+    ap.add_argument("--loss-users-per-style", type=int, default=1,
                     help="users per style given to the loss-evaluating methods (exhaustive, bo, hyperband)")
     ap.add_argument("--user-samples", type=int, default=8)
     ap.add_argument("--pllm-steps", type=int, default=40)

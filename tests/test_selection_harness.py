@@ -66,6 +66,9 @@ def test_harness_end_to_end_on_a_tiny_corpus(tiny_corpus, tmp_path):
     assert harness.main(args) == 0
     assert (tmp_path / "w" / "tiny" / "rows.jsonl").read_text().splitlines() == rows
 
+    # rows of another setting are never mixed in
+    assert harness.main([*args, "--probe-tokens", "7"]) == 2
+
     out = tmp_path / "results.md"
     _load("make_results_md").build(tmp_path / "no-experiments", out, tmp_path / "out")
     text = out.read_text()
