@@ -56,7 +56,7 @@ class UserData:
 @dataclass(frozen=True)
 class DataConfig:
     corpus: str = "builtin"
-    user_styles: str = "sarcastic;poetic"
+    user_styles: str = "elementary;expert;poetic"
     user_samples: int = 12
     test_fraction: float = 0.25
     seed: int = 0

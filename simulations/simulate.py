@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import shutil
 import time
+import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,19 +30,15 @@ from xpert_fl.models import DEFAULT_SPEC, load_model
 from xpert_fl.production import build_cache
 
 # The embedded-default demo: every value is a run-config key of pyproject.toml.
-DEMO_RUN_CONFIG = {
-    "num-server-rounds": 2,
+DEMO_RUN_CONFIG = {  # only what the demo sets differently from pyproject's run config (the product defaults)
     "users-per-round": 2,
-    "user-styles": "elementary;expert;poetic",
-    "user-samples": 12,
-    "num-probe-prompts": 8,
-    "probe-max-new-tokens": 24,
     "max-steps": 10,
-    "eval-every": 2,
-    "patience": 3,
-    "max-seq-len": 128,
-    "compare-scratch": True,
 }
+
+
+def app_run_config() -> dict:
+    """The Flower app's run config in pyproject.toml: the product's defaults, one place for each."""
+    return tomllib.loads((repo_root() / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
 @dataclass
@@ -62,6 +59,7 @@ class SimulateConfig:
 
     def full_run_config(self, out: Path) -> dict:
         return {
+            **app_run_config(),
             **DEMO_RUN_CONFIG,
             "model": self.spec,
             "summarizer": self.spec,

@@ -65,8 +65,8 @@ class XPerTConfig:
     corpus: str = "builtin"
     cache_dir: str = ""  # "": <results-dir>/cache
     results_dir: str = "results/flower"
-    num_probe_prompts: int = 8
-    probe_max_new_tokens: int = 24
+    num_probe_prompts: int = 24
+    probe_max_new_tokens: int = 48
     probe_batch_size: int = 8
     tau_orth: float = 0.1
     tau_res: float = 0.2
@@ -102,7 +102,10 @@ class XPerTConfig:
                 continue
             kind = type(f.default)
             raw = run_config[key]
-            values[name] = bool(raw) if kind is bool else kind(raw)
+            try:
+                values[name] = bool(raw) if kind is bool else kind(raw)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"run config {key} = {raw!r} is not a {kind.__name__}") from err
         cfg = cls(**values)
         if cfg.num_server_rounds < 1 or cfg.users_per_round < 0 or cfg.min_nodes < 1:
             raise ValueError("num-server-rounds and min-nodes must be >= 1, users-per-round >= 0")

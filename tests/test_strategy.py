@@ -454,7 +454,7 @@ def test_human_weight_is_a_number_from_the_run_config():
     assert XPerTConfig.from_run_config({}).human_weight == 1.0
     assert XPerTConfig.from_run_config({"human-weight": 0.5}).human_weight == 0.5
     for bad in ("banana", "auto", -1.0):
-        with pytest.raises(ValueError, match="human weight must be a finite number"):
+        with pytest.raises(ValueError, match="human.weight"):  # named, whether not a number or out of range
             XPerTConfig.from_run_config({"human-weight": bad})
 
 
@@ -633,3 +633,24 @@ def test_an_unreadable_offered_adapter_fails_the_selection_and_the_round_goes_on
     (victim.path / "adapter_model.safetensors").write_bytes(b"garbage")
     (result,) = XPerTStrategy(cfg(num_server_rounds=1, selection="bo"), server).start(FakeGrid(devices(2)))
     assert [u.status for u in result.users] == ["select-unavailable"] * 2 and result.users[0].error
+
+
+def test_the_run_config_in_pyproject_is_the_dataclasses_defaults():
+    """One value per setting: every run-config key that a config dataclass holds has the pyproject value
+    as its default (the library, `xpert simulate` and `flwr run .` then agree)."""
+    import dataclasses
+    import tomllib
+    from pathlib import Path
+
+    from clients.users import DataConfig
+
+    rc = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    rc = rc["tool"]["flwr"]["app"]["config"]
+    held = 0
+    for cls in (XPerTConfig, DataConfig):
+        for f in dataclasses.fields(cls):
+            key = f.name.replace("_", "-")
+            if key in rc:
+                held += 1
+                assert f.default == rc[key], f"{cls.__name__}.{f.name} = {f.default!r}, run config {key} = {rc[key]!r}"
+    assert held >= len(rc) - 3  # report-labels, device-threads, trainer: read by the ClientApp itself

@@ -50,7 +50,7 @@ PINNED_SHA256 = {  # sentence-transformers/all-MiniLM-L6-v2 @ 1110a243fdf4706b3f
     "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
     "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
 }
-DEFAULT_PROBE_PROMPTS = 8  # the run config's num-probe-prompts default
+DEFAULT_PROBE_PROMPTS = 24  # the run config's num-probe-prompts default
 
 
 class ProvenanceError(RuntimeError):
