@@ -211,7 +211,7 @@ def plot_summary(results: list[dict], path: Path) -> None:
     for j, m in enumerate(methods):
         vals, lo, hi = [], [], []
         for r in results:
-            v = r["results"][next(iter(r["results"]))][m]
+            v = r["results"][next(iter(r["results"]))].get(m, {"accuracy": 0.0, "ci95": (0.0, 0.0)})  # not run here
             vals.append(v["accuracy"])
             lo.append(max(0.0, v["accuracy"] - v["ci95"][0]))  # float rounding at 0 and 1
             hi.append(max(0.0, v["ci95"][1] - v["accuracy"]))
