@@ -46,6 +46,8 @@ from simulations.experiments.runner import Context, ExperimentConfig  # noqa: E4
 from xpert_fl.data.corpus import load_corpus  # noqa: E402
 from xpert_fl.data.mixing import split_roles  # noqa: E402
 from xpert_fl.evaluation import confusion, hubness, wilson  # noqa: E402
+from xpert_fl.explain import trusted_drift  # noqa: E402
+from xpert_fl.production import cloud_reports  # noqa: E402
 
 METHODS = ("xpert", "text-encoder", "random", "exhaustive", "oracle")
 LOSS_METHODS = ("exhaustive", "bo", "hyperband")  # evaluate pLLMs' losses on the device: minutes per user
@@ -55,6 +57,8 @@ DEVELOPMENT = {
     "summarizer layer, whitening texts, probe prompts (pre-2026-12)": ["builtin"],
     "users' reference (neutral human texts' embedding, not paired base texts)": ["debian-fortunes"],
     "openings as probes for prompt-less corpora": ["debian-fortunes"],
+    "sentence-encoder embedding; pLLMs placed by their training data (self-reports, cloud data)": ["debian-fortunes"],
+    "self-report-min-cosine": ["debian-fortunes"],
 }
 
 
@@ -104,15 +108,16 @@ def evaluate(corpus: str, args: argparse.Namespace) -> dict:
     )
     name = slug(Path(corpus).name)
     work = Path(args.work) / name
-    _check_resume(work, {"probe_prompts": config.probe_prompts, "probe_tokens": config.probe_tokens,
-                         "pllm_steps": config.pllm_steps, "user_samples": config.user_samples, "seed": args.seed,
-                         "human_weight": config.human_weight})
     ctx = Context(name="selection-harness", out=Path(args.out), config=config, corpus=corpus, seed=args.seed,
                   work=work, source_cache=Path(args.cache_from) / name if args.cache_from else None,
                   threads=args.threads)
-    bench = Workbench(ctx)
+    bench = Workbench(ctx)  # loads models and opens the working cache; no row is read or written yet
+    _check_resume(work, {"probe_prompts": config.probe_prompts, "probe_tokens": config.probe_tokens,
+                         "pllm_steps": config.pllm_steps, "user_samples": config.user_samples, "seed": args.seed,
+                         "human_weight": config.human_weight, "summarizer": bench.summarizer().fingerprint})
     entries = {s: bench.pllms(s) for s, _ in plan}
-    bench.explain([e for es in entries.values() for e in es])
+    basis = bench.explain([e for es in entries.values() for e in es])
+    checks = report_checks(bench, basis, [e for es in entries.values() for e in es], args.seed)
     users = bench.users()
     label = {e.id: e.label for e in bench.cache.entries()}
     done_path = work / "rows.jsonl"
@@ -139,7 +144,37 @@ def evaluate(corpus: str, args: argparse.Namespace) -> dict:
                 print(f"  {name} s={s:g} user {k + 1}/{len(chosen_users)} {user.name}: " + ", ".join(
                     f"{r['method']}->{r['chosen_style']}" for r in rows if r["user"] == user.name
                     and r["similarity"] == s), flush=True)
-    return summarize(name, corpus, rows, styles, plan, args, time.perf_counter() - t0)
+    result = summarize(name, corpus, rows, styles, plan, args, time.perf_counter() - t0)
+    result["self_report_check"] = checks
+    return result
+
+
+def report_checks(bench: Workbench, basis, entries, seed: int) -> dict:
+    """The self-report check (``explain.trusted_drift``) on this corpus's pLLMs as if each had been
+    uploaded: the cosine of an honest report (the embedding of its training data) with the pLLM's own
+    probe answers, beside forged ones (a random unit vector, the honest report negated, another
+    pLLM's report) and whether the run config's threshold accepts each."""
+    summarizer = bench.summarizer()
+    reports = cloud_reports(summarizer, bench.base.tokenizer, bench.corpus, entries)
+    threshold = float(run_config()["self-report-min-cosine"])
+    rng = np.random.default_rng(seed)
+    out = {"threshold": threshold, "pllms": {}}
+    ids = [e.id for e in entries if e.id in reports]
+    for e in entries:
+        if e.id not in reports:
+            continue
+        probe = bench.pllm_drift(bench.cache.load_adapter(e.id), summarizer)
+        forged = {"honest": reports[e.id], "random": rng.standard_normal(summarizer.dim).astype(np.float32),
+                  "negated": -reports[e.id], "another pLLM's": reports[ids[(ids.index(e.id) + 1) % len(ids)]]}
+        row = {}
+        for kind, vector in forged.items():
+            used, cosine = trusted_drift(probe, vector, basis, threshold)
+            row[kind] = {"cosine": cosine, "accepted": used is not probe}
+        out["pllms"][f"{e.label}@{e.metrics.get('similarity')}"] = row
+    for kind in ("honest", "random", "negated", "another pLLM's"):
+        rows = [r[kind] for r in out["pllms"].values()]
+        out[f"{kind} accepted"] = f"{sum(r['accepted'] for r in rows)}/{len(rows)}"
+    return out
 
 
 def _check_resume(work: Path, setting: dict) -> None:

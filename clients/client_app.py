@@ -104,7 +104,7 @@ def fit(msg: Message, context: Context) -> Message:
     result = train(models, data, req.choice, req.adapters, config, req.compare_scratch, trainer)
     report = {"start": result.start_kind, "stop_reason": result.result.stop_reason, "trainer": engine}
     drift = None
-    if bool(context.run_config.get("self-reports", False)):
+    if bool(context.run_config.get("self-reports", True)):
         probe = ProbeConfig(max_new_tokens=int(context.run_config.get("probe-max-new-tokens", 48)))
         drift = self_report(models, data, probe)
         report["summarizer"] = models.summarizer.fingerprint

@@ -31,12 +31,13 @@ from xpert_fl.explain import (  # noqa: E402
     explain_cache,
     human_references,
     open_basis,
+    unexplained,
     user_coordinates,
 )
 from xpert_fl.finetune import FinetuneConfig, finetune, target_from_scratch, with_target  # noqa: E402
 from xpert_fl.models import DEFAULT_SPEC, load_model  # noqa: E402
 from xpert_fl.probe import probe_set  # noqa: E402
-from xpert_fl.production import build_cache  # noqa: E402
+from xpert_fl.production import build_cache, cloud_reports  # noqa: E402
 from xpert_fl.select import nearest  # noqa: E402
 from xpert_fl.summarizer import Summarizer  # noqa: E402
 
@@ -80,7 +81,8 @@ def run(cfg: QuickstartConfig) -> list[dict]:
     probes = probe_set(cfg.probe_prompts, roles["test"], seed=cfg.seed)
     explainer = Explainer(base, summarizer, probes.prompts, probe, chat=probes.chat)
     calibrate_users(basis, explainer, human_references(roles["test"], probes.prompts), cfg.human_weight)
-    decs = explain_cache(cache, explainer, basis)
+    pending = unexplained(cache)
+    decs = explain_cache(cache, explainer, basis, reports=cloud_reports(summarizer, base.tokenizer, corpus, pending))
     entries = {e.id: e for e in cache.entries()}
     coords = {i: e.coords for i, e in entries.items()}
 

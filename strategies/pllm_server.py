@@ -23,6 +23,7 @@ from xpert_fl.adapters import Adapter
 from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
 from xpert_fl.data import load_corpus, split_roles
+from xpert_fl.data.corpus import StyleCorpus
 from xpert_fl.explain import (
     SELF_REPORT_MIN_COSINE,
     Explainer,
@@ -34,9 +35,11 @@ from xpert_fl.explain import (
     offered_coordinates,
     open_basis,
     trusted_drift,
+    unexplained,
 )
 from xpert_fl.models import load_model
 from xpert_fl.probe import probe_set
+from xpert_fl.production import cloud_reports
 from xpert_fl.summarizer import Drift, Summarizer, SummarizerConfig
 
 if TYPE_CHECKING:  # the sentence encoder loads only for the text-encoder baseline
@@ -103,13 +106,17 @@ class PLLMServer:
         probes = probe_set(num_probe_prompts, test, seed=seed)
         server = cls(cache, basis, Explainer(base, summ, probes.prompts, probe or ProbeConfig(), chat=probes.chat))
         calibrate_users(basis, server.explainer, human_references(test, probes.prompts), human_weight)
-        server.explain_pending()
+        server.explain_pending(load_corpus(corpus))
         return server
 
     # --- what devices see ------------------------------------------------------------------------
-    def explain_pending(self) -> int:
-        """Explain cached pLLMs that have no drift yet (e.g. a freshly built cloud cache)."""
-        return len(explain_cache(self.cache, self.explainer, self.basis, progress=False))
+    def explain_pending(self, corpus: StyleCorpus | None = None) -> int:
+        """Explain cached pLLMs that have no drift yet (e.g. a freshly built cloud cache); the cloud pLLMs
+        of ``corpus`` by the data they were trained on (``production.cloud_reports``)."""
+        pending = unexplained(self.cache)
+        summ = self.explainer.summarizer
+        reports = cloud_reports(summ, self.explainer.base.tokenizer, corpus, pending) if corpus and pending else {}
+        return len(explain_cache(self.cache, self.explainer, self.basis, progress=False, reports=reports))
 
     def offer(self) -> tuple[list[str], np.ndarray]:
         """Ids of the explained pLLMs (creation order) and their coordinates on the current basis (n x k)."""
@@ -184,10 +191,10 @@ class PLLMServer:
             return probe, "probe", f"ignored: summarizer {summarizer} is not the server's {mine.fingerprint}"
         if vector.shape != (mine.dim,):
             return probe, "probe", f"ignored: shape {vector.shape} != ({mine.dim},)"
-        # a report is a device's vector for its training data: its drift is what remains after the users'
-        # reference, as for a device's own selection; that drift is checked against the probe and used
-        drift = self.basis.user_vector(vector).astype(np.float32)
-        used, cosine = trusted_drift(probe, drift, mine, math.inf if min_cosine is None else min_cosine)
+        # a report is a device's embedding of its training data, checked against the pLLM's own probe answers
+        used, cosine = trusted_drift(probe, vector, self.basis, math.inf if min_cosine is None else min_cosine)
+        if cosine is None:
+            return probe, "probe", "ignored: the slot embedding has no text embedding to check a report against"
         if used is probe:
-            return probe, "probe", f"rejected: cosine {cosine:.2f} with the probe drift"
-        return used, "self-report", f"trusted: cosine {cosine:.2f} with the probe drift"
+            return probe, "probe", f"rejected: cosine {cosine:.2f} with the pLLM's probe answers"
+        return used, "self-report", f"trusted: cosine {cosine:.2f} with the pLLM's probe answers"

@@ -76,9 +76,9 @@ class XPerTConfig:
     merge_delta: float = math.inf  # selection distance above which a merge is tried; inf: never merge
     distance: str = "drift"  # selection distance: "drift" (between explained drifts) | "l1" (paper's Eq. 1)
     human_weight: float = 1.0  # share of the users' reference (neutral human texts' embedding) devices remove
-    # opt-in (privacy): devices upload the drift of their own data; trusted when it agrees with the probe
-    self_reports: bool = False
-    self_report_min_cosine: float = 0.5  # the agreement (cosine with the server's probe drift) a report needs
+    # devices upload one embedding of their training data (never text); trusted when it agrees with the probe
+    self_reports: bool = True
+    self_report_min_cosine: float = 0.3  # the report's cosine with the pLLM's probe answers' embedding, at least
     max_parents: int = 3
     selection: str = "xpert"  # selection method: a name of xpert_fl.baselines.SELECTORS
     selection_trials: int = 0  # bo / hyperband: pLLMs evaluated at most (0: bo half of them, hyperband all)

@@ -20,10 +20,11 @@ from peft import LoraConfig, get_peft_model
 from xpert_fl.adapters import Adapter
 from xpert_fl.baselines import SELECTORS, SelectionTask, make_selector
 from xpert_fl.baselines.core import ADAPTERS, BASIS_COORDS, EMBEDDINGS, selection_seed
-from xpert_fl.baselines.text_encoder import PINNED_SHA256, WEIGHTS, TextEncoderSelector, default_encoder
+from xpert_fl.baselines.text_encoder import TextEncoderSelector
 from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, PLLMCache
 from xpert_fl.data import load_corpus
+from xpert_fl.encoder import PINNED_SHA256, WEIGHTS, default_encoder
 from xpert_fl.explain import ProbeConfig
 from xpert_fl.finetune import FinetuneConfig, evaluate_loss, finetune, shared_copy
 from xpert_fl.select import Choice

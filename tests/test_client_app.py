@@ -96,7 +96,8 @@ def test_one_round_through_the_handlers(round_trip):
     entry = server.cache.get(rec.new_id)
     assert entry.parents == tuple(rec.chosen) and entry.label == "sarcastic"
     assert entry.coords is not None and len(entry.coords) == server.basis.size and rec.explanation
-    assert rec.explained_by == "probe" and rec.self_report is None  # self-reports are opt-in
+    assert rec.self_report is not None  # self-reports are on by default: trusted or not, the server says which
+    assert rec.explained_by == ("self-report" if rec.self_report.startswith("trusted") else "probe")
     ft = rec.finetune
     assert ft["scratch_steps"] >= 1 and "target_loss" in ft and ft["n_train"] == 3 and ft["n_test"] == 1
     assert ft["energy_joules"] > 0 and ft["seconds"] > 0
@@ -125,22 +126,27 @@ def test_handler_errors_surface_as_exceptions(round_trip):
         client_app.fit(round_trip["select_msg"], round_trip["context"])
 
 
-def test_opt_in_self_report_uploads_the_drift_of_the_users_data_and_no_text(base, round_trip):
-    """With ``self-reports = true`` the upload carries exactly the drift the device's selection came from
-    (the audit below shows nothing of the kind leaves by default), named by its summarizer."""
-    ctx = round_trip["context"]
-    opted = Context(run_id=1, node_id=7, node_config=ctx.node_config, state=RecordDict(),
-                    run_config={**RUN_CONFIG, "self-reports": True})
-    (train,) = [m for m in round_trip["strategy"].configure_train(1, round_trip["choices"])]
-    reply = client_app.fit(train, opted)
-    upload = protocol.parse_upload(reply.content)
+def test_the_self_report_is_the_embedding_of_the_training_data_and_a_run_config_key_turns_it_off(base, round_trip):
+    """By default the upload carries exactly one embedding, of the data the adapter was trained on (the
+    vector the device's selection came from), named by its summarizer; ``self-reports = false`` sends
+    none, and then no embedding of any kind leaves the device."""
     data = user_data(0, DataConfig.from_run_config(RUN_CONFIG))
     want = user_drift(base, round_trip["summarizer"], data.train, PROBE).vector
+    upload = protocol.parse_upload(round_trip["sent"]["train"].content)
     np.testing.assert_allclose(upload.self_report, want, rtol=1e-5, atol=1e-6)
     assert upload.report["summarizer"] == round_trip["summarizer"].fingerprint
     # the server's side (trust only what agrees with its probe) is tested in test_strategy
-    text = _payload(reply).decode("latin-1").lower()
-    assert not any(s.response.lower()[:24] in text for s in data.train + data.test)
+    ctx = round_trip["context"]
+    off = Context(run_id=1, node_id=7, node_config=ctx.node_config, state=RecordDict(),
+                  run_config={**RUN_CONFIG, "self-reports": False})
+    (train,) = [m for m in round_trip["strategy"].configure_train(1, round_trip["choices"])]
+    reply = client_app.fit(train, off)
+    assert protocol.parse_upload(reply.content).self_report is None
+    blob = _payload(reply)
+    for dtype in (np.float32, np.float64):
+        v = np.asarray(want, dtype=dtype)
+        assert all(v[i : i + 2].tobytes() not in blob for i in range(len(v) - 1))
+    assert "summarizer" not in dict(reply.content["report"])
 
 
 def _payload(msg: Message) -> bytes:
@@ -164,17 +170,25 @@ def test_audit_no_personal_text_or_embedding_leaves_the_device(base, round_trip)
                 checked += 1
     assert checked > 50
 
-    # 2. No drift embedding or coordinates, in float32 or float64, whole or any two consecutive values.
+    # 2. No coordinates, and no embedding but one: the self-report, the embedding of the data the uploaded
+    # adapter was trained on, once, in the upload. Not the held-out data's, not in register or select; in
+    # float32 or float64, whole or any two consecutive values.
     basis = round_trip["server"].basis
     assert basis.size >= 1, "the audit needs coordinates to look for"
-    drift = user_drift(base, round_trip["summarizer"], data.train, PROBE).vector
-    coords = basis.coordinates(drift)
-    for vec in (drift, coords):
+    summarizer = round_trip["summarizer"]
+    drift = user_drift(base, summarizer, data.train, PROBE).vector
+    held_out = user_drift(base, summarizer, data.test, PROBE).vector
+    coords = basis.user_coordinates(drift)
+    before_upload = payloads["register"] + payloads["select"]
+    for vec, where in ((drift, before_upload), (held_out, blob), (coords, blob)):
         for dtype in (np.float32, np.float64):
             v = np.asarray(vec, dtype=dtype)
-            assert v.tobytes() not in blob
+            assert v.tobytes() not in where
             for i in range(len(v) - 1):
-                assert v[i : i + 2].tobytes() not in blob
+                assert v[i : i + 2].tobytes() not in where
+    upload = protocol.parse_upload(round_trip["sent"]["train"].content)
+    np.testing.assert_allclose(upload.self_report, drift, rtol=1e-5, atol=1e-6)
+    assert payloads["train"].count(upload.self_report.astype(np.float32).tobytes()) == 1
     # 3. The choice carries one distance, no per-candidate distances (they would encode c_u).
     choice = protocol.parse_choice(round_trip["sent"]["select"].content)
     assert choice.distances == {} and choice.ids == tuple(round_trip["record"].chosen)
@@ -183,7 +197,8 @@ def test_audit_no_personal_text_or_embedding_leaves_the_device(base, round_trip)
     cost = protocol.parse_selection_cost(round_trip["sent"]["select"].content)
     assert set(cost.to_json()) == {"method", "bytes", "evaluations", "tokens", "seconds", "downloaded", "bytes_down"}
     assert dict(round_trip["sent"]["register"].content["register"]) == {"user": "user-0", "label": "sarcastic"}
-    assert set(round_trip["sent"]["train"].content.keys()) == {"upload.arrays", "upload.config", "finetune", "report"}
+    assert set(round_trip["sent"]["train"].content.keys()) == {"upload.arrays", "upload.config", "finetune", "report",
+                                                               "self_report"}
 
 
 def test_start_adapter_merges_validates_or_starts_from_base(base, random_pllm):

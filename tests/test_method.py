@@ -3,6 +3,8 @@ device coordinates -> a selection; plus the summarizer's invariants and bad inpu
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -29,6 +31,7 @@ from xpert_fl.summarizer import Summarizer, SummarizerConfig
 
 PROBE = ProbeConfig(max_new_tokens=12, batch_size=4)
 TINY = SummarizerConfig(max_text_tokens=24, n_candidates=8)
+POOL = SummarizerConfig(max_text_tokens=24, n_candidates=8, embedding="response-pool")  # S's own states
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def test_null_drift_is_zero_and_candidates_are_words(summarizer, corpus):
     # the same texts, batched with other padding: zero up to float error
     assert np.linalg.norm(null.vector) < 1e-4 * np.linalg.norm(d.vector), "a null drift must calibrate to zero"
     assert d.vector.shape == (summarizer.dim,) and np.isfinite(d.vector).all()
-    assert np.linalg.norm(d.vector) > 1.0
+    assert np.linalg.norm(d.vector) > 0.1  # unit-vector means (sentence encoder): well above float error
     assert len(d.candidates) == TINY.n_candidates and all(w.isalpha() for w in d.candidates)
     assert d.probabilities == sorted(d.probabilities, reverse=True)
 
@@ -66,9 +69,10 @@ def test_low_memory_mode_gives_the_same_embedding(base, corpus, embedding):
     assert a.candidates == b.candidates
 
 
-def test_response_pool_reads_the_text_in_its_context(base, summarizer, corpus):
+def test_response_pool_reads_the_text_in_its_context(base, corpus):
     """The pool covers only the styled text's tokens, read after their prompt: the context changes the
     vector, and the slot variant (the paper's) still calibrates a null drift to zero."""
+    summarizer = Summarizer(base, POOL)
     samples = corpus.styles["sarcastic"][:3]
     refs = [s.response for s in corpus.neutral[:3]]
     styled = [s.response for s in samples]
@@ -84,17 +88,18 @@ def test_response_pool_reads_the_text_in_its_context(base, summarizer, corpus):
     assert slot.fingerprint != summarizer.fingerprint
 
 
-def test_whitening_rescales_each_dimension_by_the_calibration_spread(base, summarizer, corpus):
+def test_whitening_rescales_each_dimension_by_the_calibration_spread(base, corpus):
     """Whitened pools are the plain pools divided by one fixed per-dimension scale, so a drift (a
     difference of means) is too; the scale is part of the embedding's identity."""
     samples = corpus.styles["expert"][:3]
     refs = [s.response for s in corpus.neutral[:3]]
     styled = [s.response for s in samples]
     contexts = [chat_prompt(base.tokenizer, s.prompt) for s in samples]
-    plain = Summarizer(base, SummarizerConfig(max_text_tokens=24, n_candidates=8, whiten=False))
+    summarizer = Summarizer(base, POOL)
+    plain = Summarizer(base, replace(POOL, whiten=False))
     scale = summarizer.scale()
     assert scale.shape == (summarizer.dim,) and (scale > 0).all() and np.isfinite(scale).all()
-    np.testing.assert_array_equal(scale, Summarizer(base, TINY).scale())  # fixed by the summarizer alone
+    np.testing.assert_array_equal(scale, Summarizer(base, POOL).scale())  # fixed by the summarizer alone
     white, raw = summarizer.drift(refs, styled, contexts), plain.drift(refs, styled, contexts)
     np.testing.assert_allclose(white.vector * scale, raw.vector, rtol=1e-4, atol=1e-4 * np.abs(raw.vector).max())
     assert white.candidates == raw.candidates
@@ -103,11 +108,34 @@ def test_whitening_rescales_each_dimension_by_the_calibration_spread(base, summa
         SummarizerConfig(calibration_texts=1)
 
 
+def test_the_sentence_embedding_reads_texts_with_the_encoder_and_names_words_in_its_space(base, summarizer, corpus):
+    """The default: texts (and a word's sentence) embedded by the sentence encoder, a set of texts as the
+    normalised mean (8 texts and 200 on one sphere), contexts unused; S still names the candidate words;
+    the encoder is part of the space's identity."""
+    from xpert_fl.encoder import default_encoder
+
+    encoder = default_encoder()
+    texts = [s.response for s in corpus.styles["poetic"][:3]]
+    assert summarizer.config.embedding == "sentence" and summarizer.dim == encoder.model.config.hidden_size
+    v = summarizer.embed(texts)
+    np.testing.assert_allclose(v, encoder.mean(texts), atol=1e-6)
+    assert abs(float(np.linalg.norm(v)) - 1.0) < 1e-5
+    np.testing.assert_allclose(summarizer.embed(texts, ["Write a poem."] * 3), v, atol=1e-6)
+    refs = [s.response for s in corpus.neutral[:3]]
+    d = summarizer.drift(refs, texts)
+    np.testing.assert_allclose(d.vector, v - encoder.mean(refs), atol=1e-5)
+    np.testing.assert_allclose(d.styled, v, atol=1e-6)
+    assert d.candidates and all(w.isalpha() for w in d.candidates)
+    assert summarizer.subvector("poetic").shape == (summarizer.dim,)
+    assert ":sentence:" + encoder.fingerprint[:16] in summarizer.fingerprint
+    assert summarizer.fingerprint != Summarizer(base, POOL).fingerprint
+
+
 def test_pool_memo_overflow_recomputes(base, corpus, monkeypatch):
     """When the memo is full it starts over, and a call still gets every pool it asked for."""
     from xpert_fl import summarizer as summarizer_mod
 
-    s = Summarizer(base, SummarizerConfig(max_text_tokens=16, n_candidates=8, whiten=False))
+    s = Summarizer(base, replace(POOL, max_text_tokens=16, whiten=False))
     texts = [x.response for x in corpus.neutral[:3]]
     first = s._pooled([""] * 3, texts)
     monkeypatch.setattr(summarizer_mod, "POOL_MEMO", 3)

@@ -66,7 +66,8 @@ class FakeExplainer:
             self.fail_next = False
             raise RuntimeError("probe crashed")
         rng = _rng(adapter.content_hash)
-        return Drift(rng.normal(size=DIM).astype(np.float32), list(rng.permutation(WORDS)))
+        v = rng.normal(size=DIM).astype(np.float32)
+        return Drift(v, list(rng.permutation(WORDS)), styled=v.copy())  # its answers' embedding: a report's check
 
 
 class FakeEncoder:
@@ -397,8 +398,9 @@ def test_aggregate_steps_work_on_replies_alone(tmp_path):
 
 
 def test_self_reports_explain_an_upload_only_when_they_agree_with_the_probe(tmp_path):
-    """An upload's self-reported drift (its own data's) replaces the server's probe drift when their cosine
-    reaches self-report-min-cosine (run config self-reports = true), keeping the probe's candidate words;
+    """An upload's self-report (its training data's embedding) replaces the server's probe drift when its
+    cosine with the pLLM's probe answers' embedding reaches self-report-min-cosine (run config
+    self-reports = true, the default), keeping the probe's candidate words;
     an unrelated vector, another summarizer's, or self-reports turned off leave the probe drift in charge.
     All of it crosses the wire."""
     server = make_server(tmp_path, n_initial=2)
@@ -438,7 +440,7 @@ def test_self_reports_explain_an_upload_only_when_they_agree_with_the_probe(tmp_
     assert done.explained_by == "self-report"
     stored = load_drifts(tmp_path / "shifted" / "cache" / DRIFTS_FILE)[done.entry.id]
     np.testing.assert_allclose(stored, reports[5][0] - 0.4 * h, rtol=1e-5, atol=1e-6)
-    # self-reports off (the default): the server never trusts one
+    # self-reports off: the server never trusts one
     off = XPerTStrategy(cfg(num_server_rounds=1, self_reports=False), make_server(tmp_path / "off", n_initial=0))
     done = off.server.ingest(adapter(5), [], {}, None, reports[5], None)
     assert done.explained_by == "probe" and done.self_report.startswith("rejected")

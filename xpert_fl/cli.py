@@ -110,18 +110,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from xpert_fl.basis import report
     from xpert_fl.cache import PLLMCache
     from xpert_fl.data import split_roles
-    from xpert_fl.explain import Explainer, calibrate_users, explain_cache, human_references, open_basis
+    from xpert_fl.explain import (
+        Explainer,
+        calibrate_users,
+        explain_cache,
+        human_references,
+        open_basis,
+        unexplained,
+    )
     from xpert_fl.probe import probe_set
+    from xpert_fl.production import cloud_reports
 
     base, summarizer, probe = _method(args)
     cache = PLLMCache(args.cache)
+    corpus = load_corpus(args.corpus)
     basis = open_basis(cache.root, summarizer, args.tau_orth, args.tau_res, args.orthogonalize, args.complete)
-    test = split_roles(load_corpus(args.corpus))["test"]  # held out from every pLLM and user, as the server's
+    test = split_roles(corpus)["test"]  # held out from every pLLM and user, as the server's
     probes = probe_set(args.probe_prompts, test)
     explainer = Explainer(base, summarizer, probes.prompts, probe, chat=probes.chat)
     calibrate_users(basis, explainer, human_references(test, probes.prompts), args.human_weight)
     start = time.perf_counter()
-    decs = explain_cache(cache, explainer, basis)
+    pending = unexplained(cache)
+    decs = explain_cache(cache, explainer, basis, reports=cloud_reports(summarizer, base.tokenizer, corpus, pending))
     seconds = time.perf_counter() - start
     _print_entries(cache.entries())
     print(f"\nbasis: {basis.size} words ({', '.join(basis.words[:12])}{' ...' if basis.size > 12 else ''})")

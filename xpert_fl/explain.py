@@ -269,33 +269,48 @@ def offered_coordinates(entries: Iterable[CacheEntry], size: int) -> tuple[list[
     return ids, np.array(rows, dtype=np.float64).reshape(len(ids), size)
 
 
-SELF_REPORT_MIN_COSINE = 0.5  # honest reports measured 0.58-0.72 against their pLLM's probe drift
+SELF_REPORT_MIN_COSINE = 0.3  # chosen on debian-fortunes (benchmarks/results.md: honest and forged reports)
+
+
+def reported_drift(probe: Drift, report: np.ndarray, basis: Basis) -> Drift:
+    """A pLLM's drift from the embedding of the data it was trained on (``report``, embedded as a device
+    embeds its own texts): the report minus the users' reference, with the probe's candidate words.
+
+    Why a pLLM is explained by its training data where that is known: a user is placed by its own
+    texts, so the pLLM placed by the texts that made it compares like with like; its greedy answers to
+    generic probes carry far less of its data's style and topic (benchmarks/selection_harness.py)."""
+    return Drift(basis.user_vector(report).astype(np.float32), probe.candidates, probe.probabilities, probe.styled)
 
 
 def trusted_drift(
-    probe: Drift, report: np.ndarray | None, summarizer: Summarizer, min_cosine: float = SELF_REPORT_MIN_COSINE
+    probe: Drift, report: np.ndarray | None, basis: Basis, min_cosine: float = SELF_REPORT_MIN_COSINE
 ) -> tuple[Drift, float | None]:
-    """The drift to explain a pLLM by: its uploader's self-report (the drift of the data it was trained
-    on, as the device embedded it for its own selection) when that agrees with the server's probe
-    (cosine >= ``min_cosine``), with the probe's candidate words; else the probe drift.
+    """The drift to explain an uploaded pLLM by: its uploader's self-report (``reported_drift``) when the
+    report agrees with the server's own evidence, else the probe drift.
 
-    Why: a user's data and a self-report are both human text, while probe answers are the pLLM's short
-    generations; on the built-in corpus self-reported pLLMs were chosen right more often (benchmarks/
-    selection_harness.py). Why the check: a device could report anything; the probe is the server's
-    own evidence. It rejects unrelated or forged vectors, not a report of a neighbouring style.
-    Returns the drift used and the cosine (None without a report). A report of the wrong dimension is
-    a ValueError.
+    The check: the cosine between the report and the embedding of the pLLM's own answers to the probes
+    (``probe.styled``) must reach ``min_cosine``. A device could report anything; what the pLLM writes is
+    the server's evidence. The check rejects vectors that are not the embedding of text like the
+    pLLM's (random, negated, another space's), not the report of a neighbouring style.
+    Returns the drift used and the cosine (None without a report, or when the probe has no text
+    embedding: the slot). A report of the wrong dimension or not finite is a ValueError.
     """
-    if report is None:
+    if report is None or probe.styled is None:
         return probe, None
     report = np.asarray(report, dtype=np.float32)
-    if report.shape != (summarizer.dim,) or not np.isfinite(report).all():
-        raise ValueError(f"self-reported drift must be finite with shape ({summarizer.dim},), got {report.shape}")
-    norms = float(np.linalg.norm(probe.vector) * np.linalg.norm(report))
-    cosine = float(probe.vector @ report / norms) if norms > 0 else 0.0
+    if report.shape != probe.styled.shape or not np.isfinite(report).all():
+        raise ValueError(f"self-report must be finite with shape {probe.styled.shape}, got {report.shape}")
+    norms = float(np.linalg.norm(probe.styled) * np.linalg.norm(report))
+    cosine = float(probe.styled @ report / norms) if norms > 0 else 0.0
     if cosine < min_cosine:
         return probe, cosine
-    return Drift(report, probe.candidates, probe.probabilities), cosine
+    return reported_drift(probe, report, basis), cosine
+
+
+def unexplained(cache: PLLMCache) -> list[CacheEntry]:
+    """The cache's entries that have no drift yet (what ``explain_cache`` will explain), in order."""
+    drifts = load_drifts(Path(cache.root) / DRIFTS_FILE)
+    return [e for e in cache.entries() if e.id not in drifts]
 
 
 def explain_cache(
@@ -305,16 +320,24 @@ def explain_cache(
     ids: Sequence[str] | None = None,
     progress: bool = True,
     given: Mapping[str, Drift] | None = None,
+    reports: Mapping[str, np.ndarray] | None = None,
+    min_cosine: float = SELF_REPORT_MIN_COSINE,
 ) -> dict[str, Decomposition]:
     """Explain cache entries that have no drift yet (Algorithm 1, sequentially), then re-project every
     entry on the final basis so all coordinates share its words; persist basis, drifts, explanations.
-    ``given``: drifts already computed by id (e.g. a trusted self-report), used instead of probing."""
+    ``given``: drifts already computed by id (e.g. a trusted self-report), used instead of probing.
+    ``reports``: embeddings of the data pLLMs were trained on, by id (the server's own training data for
+    the cloud pLLMs it made, ``production.cloud_reports``), each used where ``trusted_drift`` accepts it
+    at ``min_cosine``: the check costs nothing once the probe ran, and an entry's metrics, which name
+    its data, are not proof that the server made it."""
     root = Path(cache.root)
     drifts = load_drifts(root / DRIFTS_FILE)
-    todo = [e.id for e in cache.entries() if e.id not in drifts and (ids is None or e.id in ids)]
+    todo = [e.id for e in unexplained(cache) if ids is None or e.id in ids]
     decompositions = {}
     for entry_id in tqdm(todo, desc="explain pLLMs", disable=not progress):
         d = given[entry_id] if given and entry_id in given else explainer.drift(cache.load_adapter(entry_id))
+        if reports and entry_id in reports:
+            d, _ = trusted_drift(d, reports[entry_id], basis, min_cosine)
         decompositions[entry_id] = basis.decompose(d.vector, d.candidates, explainer.summarizer.subvector)
         drifts[entry_id] = d.vector
     basis.save(root / BASIS_FILE)

@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
-from xpert_fl.data.corpus import StyleCorpus
+from xpert_fl.chat import chat_prompt
+from xpert_fl.data.corpus import Sample, StyleCorpus
 from xpert_fl.data.mixing import similarity_mixture, split_roles
 from xpert_fl.finetune import FinetuneConfig, finetune
 from xpert_fl.models import LoadedModel
+from xpert_fl.summarizer import Summarizer
 
 
 def build_cache(
@@ -47,7 +50,8 @@ def build_cache(
         train = similarity_mixture(roles["cloud"], style, similarity, n=n_train, seed=seed)
         test = roles["test"].styles[style]
         result = finetune(base, train, test, config, progress=progress)
-        metrics = {"similarity": similarity, "seed": seed, "style": style, "corpus": corpus.name, **result.to_json()}
+        metrics = {"similarity": similarity, "seed": seed, "style": style, "corpus": corpus.name, "n_train": n_train,
+                   **result.to_json()}
         entries.append(cache.add(result.adapter, metrics=metrics, label=style))
     return entries
 
@@ -59,3 +63,33 @@ def find_pllm(cache: PLLMCache, style: str, similarity: float, seed: int) -> Cac
         if entry.label == style and m.get("similarity") == similarity and m.get("seed") == seed:
             return entry
     return None
+
+
+def training_samples(corpus: StyleCorpus, entry: CacheEntry) -> list[Sample] | None:
+    """The samples ``build_cache`` trained this cloud pLLM on (rebuilt from its metrics), or None for an
+    entry that is no cloud pLLM of this corpus."""
+    m = entry.metrics
+    if m.get("corpus") != corpus.name or entry.label not in corpus.styles or entry.parents:
+        return None
+    try:
+        seed, similarity, n = int(m["seed"]), float(m["similarity"]), m.get("n_train")
+        roles = split_roles(corpus, seed=seed)
+        return similarity_mixture(roles["cloud"], entry.label, similarity, n=None if n is None else int(n), seed=seed)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def cloud_reports(summarizer: Summarizer, tokenizer, corpus: StyleCorpus, entries: Sequence[CacheEntry]
+                  ) -> dict[str, np.ndarray]:
+    """The embedding of each cloud pLLM's training data, by id, as a device embeds its own texts
+    (``Summarizer.embed``, each text in its chat turn): what ``explain.explain_cache`` explains them by.
+    Pooled embeddings only (the slot has no embedding of a set of texts): empty otherwise."""
+    if not summarizer.pooled:
+        return {}
+    out = {}
+    for entry in entries:
+        samples = training_samples(corpus, entry)
+        if samples:
+            texts = [s.response if s.response.strip() else "(no answer)" for s in samples]
+            out[entry.id] = summarizer.embed(texts, [chat_prompt(tokenizer, s.prompt) for s in samples])
+    return out

@@ -6,19 +6,26 @@ embedding is ``S``'s final hidden state at the position that predicts that adjec
 answer prefix opens the adjective slot (without it the next token is "The"/"Text"), and the top
 next-token words there are the candidate words of Algorithm 1 in every embedding mode.
 
-Measured on the embedded 135M model (benchmarks/selection_harness.py), the slot vector of a small
-summarizer keeps too little of the style, so the default reads the style where the text itself is
-encoded: ``response-pool`` mean-pools ``S``'s hidden states over the styled text's tokens, placed
-in its own context (the chat turn answering its prompt, or the prefix it continues) at a late
-intermediate layer, and subtracts the same pool over the reference texts. Both sides then compare
-like with like: how the style of an answer differs from the base model's answer to the same prompt.
+Where the vectors come from (``SummarizerConfig.embedding``):
+
+* ``sentence`` (default): a small sentence encoder (:mod:`xpert_fl.encoder`) embeds each text; a set
+  of texts is the normalised mean of their embeddings. ``S`` still names the candidate words, and the
+  words' sub-vectors are the encoder's embeddings of a sentence using them, so the basis explains
+  vectors in the encoder's space. Why: on human-written corpora the 135M summarizer's own states
+  (the pools below) told the users' categories apart far less well than the encoder, with the
+  parameters chosen on another corpus (benchmarks/selection_harness.py; benchmarks/results.md).
+* ``response-pool``: ``S``'s hidden states at a late intermediate layer, mean-pooled over the text's
+  tokens in its own context (the chat turn answering its prompt, or the prefix it continues);
+  ``mean-pool``: the same without the context.
+* ``slot`` (the paper's): the state at the adjective slot of a (reference, styled) pair. Too little of
+  the style survives in the slot of a summarizer this small.
 
 Hidden states of an LLM share a large common component (raw vectors have cosine ~0.99), so every
 embedding is calibrated: the slot by subtracting the embedding of a *null drift* (a reference text
 compared with another reference text), the pools by subtracting the references' pool.
 
 A few dimensions of the residual stream carry most of its magnitude ("massive activations") and
-would decide every distance, so the pools are also *whitened*: each dimension is divided by its
+would decide every distance, so the LLM's pools are also *whitened*: each dimension is divided by its
 spread over a fixed set of neutral calibration texts (the built-in corpus's neutral answers in
 their chat turns). The scale depends only on the summarizer, so server and devices agree on it.
 """
@@ -36,6 +43,7 @@ from tqdm.auto import tqdm
 
 from xpert_fl.chat import chat_prompt
 from xpert_fl.data.corpus import load_corpus
+from xpert_fl.encoder import TextEncoder, default_encoder
 from xpert_fl.layerwise import LayerwiseRunner
 from xpert_fl.models import LoadedModel
 
@@ -46,8 +54,8 @@ INSTRUCTION = (
 ANSWER_PREFIX = "Compared to Text A, the language style of Text B is more"
 WORD_PROMPT = "Use one adjective to summarize the meaning of \"{word}\" when it describes a language style."
 WORD_TEXT = "This text is written in a {word} style."  # pools: a word's direct-route text
-# the paper's adjective slot; mean-pooled states of the styled text alone, or in its context
-EMBEDDINGS = ("slot", "mean-pool", "response-pool")
+# a sentence encoder's embedding; the paper's adjective slot; S's pooled states alone, or in context
+EMBEDDINGS = ("sentence", "slot", "mean-pool", "response-pool")
 # Reference adjectives: their mean direct-route vector is the common component removed from word vectors.
 REFERENCE_WORDS = (
     "formal casual concise verbose friendly hostile poetic plain technical simple sarcastic sincere "
@@ -64,7 +72,8 @@ _STOP = frozenset(
 class SummarizerConfig:
     """How drift embeddings are computed; the defaults are what measured best (benchmarks/)."""
 
-    embedding: str = "response-pool"  # "slot" (paper) | "mean-pool" | "response-pool"
+    embedding: str = "sentence"  # "sentence" | "slot" (paper) | "mean-pool" | "response-pool"
+    encoder: str = ""  # sentence: a sentence-encoder directory ("": the packaged all-MiniLM-L6-v2)
     calibrate: bool = True  # subtract the null-drift (slot) or the references' pool (pools)
     layer: float = 0.8  # pools: depth read, as a fraction of the decoder layers (1.0: the final norm)
     candidate_pairs: int = 8  # pools: slot prompts run (on the first pairs) only to name candidate words
@@ -96,6 +105,9 @@ class Drift:
     vector: np.ndarray
     candidates: list[str] = field(default_factory=list)
     probabilities: list[float] = field(default_factory=list)
+    # pooled embeddings: the styled texts' own embedding, before the reference is removed (what a
+    # pLLM's self-report is checked against: ``explain.trusted_drift``); None for the slot
+    styled: np.ndarray | None = None
 
 
 class Summarizer:
@@ -116,11 +128,16 @@ class Summarizer:
         self._subvectors: dict[str, np.ndarray] = {}  # a word's sub-vector never changes for one summarizer
         self._scale: np.ndarray | None = None
         self._pools: dict[tuple[str, str], np.ndarray] = {}  # (context, text) -> unwhitened pool
+        self.encoder: TextEncoder | None = None
+        if self.config.embedding == "sentence":
+            self.encoder = TextEncoder(self.config.encoder) if self.config.encoder else default_encoder()
 
     @property
     def fingerprint(self) -> str:
         """Identity of the embedding space: the model plus the settings that shape vectors."""
         c = self.config
+        if self.encoder is not None:
+            return f"{self.loaded.fingerprint}:sentence:{self.encoder.fingerprint[:16]}:{int(c.calibrate)}"
         pool = f":L{self.layer_index}" + (f":w{c.calibration_texts}" if c.whiten else "") if self.pooled else ""
         return f"{self.loaded.fingerprint}:{c.embedding}{pool}:{int(c.calibrate)}:{c.max_text_tokens}"
 
@@ -131,6 +148,8 @@ class Summarizer:
 
     @property
     def dim(self) -> int:
+        if self.encoder is not None:
+            return int(self.encoder.model.config.hidden_size)
         return int(self.model.config.hidden_size)
 
     @property
@@ -177,7 +196,10 @@ class Summarizer:
         return torch.cat(vecs).numpy(), torch.cat(probs).numpy()
 
     def _pooled(self, contexts: Sequence[str], texts: Sequence[str]) -> np.ndarray:
-        """Pools in the embedding's space: whitened by the calibration scale when ``whiten`` is set."""
+        """Per-text vectors in the embedding's space: the sentence encoder's (contexts unused), or S's
+        pools, whitened by the calibration scale when ``whiten`` is set."""
+        if self.encoder is not None:
+            return self.encoder.encode(list(texts))
         pools = self._pool_states(contexts, texts)
         return pools / self.scale() if self.config.whiten else pools
 
@@ -241,6 +263,12 @@ class Summarizer:
         probs = self._final_states(pairs[: self.config.candidate_pairs])[1] if candidates else None
         return self._pooled(self._contexts(contexts, len(styled)), styled), probs
 
+    def _mean(self, vectors: np.ndarray) -> np.ndarray:
+        """One vector for a set of texts: their mean (normalised for the sentence encoder, whose
+        similarity is the cosine, so that a set of 8 texts and one of 200 sit on the same sphere)."""
+        mean = vectors.mean(0)
+        return mean / max(float(np.linalg.norm(mean)), 1e-12) if self.encoder is not None else mean
+
     def _contexts(self, contexts: Sequence[str] | None, n: int) -> list[str]:
         if self.config.embedding == "mean-pool" or contexts is None:
             return [""] * n
@@ -258,7 +286,7 @@ class Summarizer:
                 shifted = list(refs[1:]) + list(refs[:1])
                 self._null[key] = self._raw(refs, shifted, None)[0].mean(0)
             else:
-                self._null[key] = self._pooled(self._contexts(contexts, len(refs)), refs).mean(0)
+                self._null[key] = self._mean(self._pooled(self._contexts(contexts, len(refs)), refs))
         return self._null[key]
 
     def drift(
@@ -277,15 +305,14 @@ class Summarizer:
         if any(not (t or "").strip() for t in styled):
             raise ValueError("styled texts must be non-empty")
         vecs, probs = self._raw(refs, styled, contexts, candidates)
-        vector = vecs.mean(0)
+        vector = self._mean(vecs) if self.pooled else vecs.mean(0)
+        own = vector.astype(np.float32) if self.pooled else None
         if self.config.calibrate:
             vector = vector - self.null_vector(refs, contexts)
         if not np.isfinite(vector).all():
             raise ValueError("drift embedding is not finite")
-        if probs is None:
-            return Drift(vector.astype(np.float32))
-        words, p = self.candidate_words(probs.mean(0))
-        return Drift(vector.astype(np.float32), words, p)
+        words, p = self.candidate_words(probs.mean(0)) if probs is not None else ([], [])
+        return Drift(vector.astype(np.float32), words, p, own)
 
     def embed(self, texts: Sequence[str], contexts: Sequence[str] | None = None) -> np.ndarray:
         """Where a set of texts sits in the embedding space: the mean of their pools (whitened like
@@ -302,7 +329,7 @@ class Summarizer:
             raise ValueError("the slot embedding compares two texts; embed() needs a pooled embedding")
         if not texts or any(not (t or "").strip() for t in texts):
             raise ValueError("need at least one text, and no empty text, to embed")
-        vector = self._pooled(self._contexts(contexts, len(texts)), texts).mean(0)
+        vector = self._mean(self._pooled(self._contexts(contexts, len(texts)), texts))
         if not np.isfinite(vector).all():
             raise ValueError("text embedding is not finite")
         return vector.astype(np.float32)

@@ -33,6 +33,8 @@ from xpert_fl.data import load_corpus, split_roles, user_samples
 from xpert_fl.data.corpus import Sample
 from xpert_fl.evaluation import TextStore
 from xpert_fl.explain import (
+    BASIS_FILE,
+    DRIFTS_FILE,
     Explainer,
     ProbeConfig,
     _nonempty,
@@ -41,12 +43,13 @@ from xpert_fl.explain import (
     explain_cache,
     human_references,
     open_basis,
+    unexplained,
     user_drift,
 )
 from xpert_fl.finetune import FinetuneConfig, FinetuneResult, finetune, target_from_scratch, with_target
 from xpert_fl.models import DEFAULT_SPEC, load_model
 from xpert_fl.probe import ProbeSet, generate, probe_set
-from xpert_fl.production import build_cache
+from xpert_fl.production import build_cache, cloud_reports
 from xpert_fl.select import nearest
 from xpert_fl.summarizer import Drift, Summarizer
 
@@ -121,7 +124,9 @@ class Workbench:
         root = self.work / f"cache-{slug(self.corpus.name)}-p{self.cfg.probe_prompts}-{self.probe_digest}"
         src = self.ctx.source_cache
         if src is not None and not (root / "index.sqlite").is_file():
-            shutil.copytree(src, root, ignore=shutil.ignore_patterns("writer.lock", "*.tmp"), dirs_exist_ok=True)
+            # the pLLMs only: a basis and drifts of another summarizer or probe setting are not this one's
+            skip = shutil.ignore_patterns("writer.lock", "*.tmp", BASIS_FILE, DRIFTS_FILE)
+            shutil.copytree(src, root, ignore=skip, dirs_exist_ok=True)
         return PLLMCache(root, BaseInfo.from_loaded(self.base))
 
     def pllms(self, similarity: float, styles: list[str] | None = None) -> list[CacheEntry]:
@@ -187,11 +192,13 @@ class Workbench:
             d = summarizer.drift(_nonempty(self.answers(None, prompts)), _nonempty(self.answers(adapter, prompts)),
                                  contexts)
             store[adapter.content_hash] = {"vector": d.vector.tolist(), "candidates": d.candidates,
-                                           "probabilities": d.probabilities}
+                                           "probabilities": d.probabilities,
+                                           "styled": None if d.styled is None else d.styled.tolist()}
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(store))
         s = store[adapter.content_hash]
-        return Drift(np.asarray(s["vector"], np.float32), list(s["candidates"]), list(s["probabilities"]))
+        styled = None if s.get("styled") is None else np.asarray(s["styled"], np.float32)
+        return Drift(np.asarray(s["vector"], np.float32), list(s["candidates"]), list(s["probabilities"]), styled)
 
     def user_drift(self, user: User, summarizer: Summarizer) -> Drift:
         """A user's drift (the device computation), with the base model's answers from the store."""
@@ -212,7 +219,10 @@ class Workbench:
         explainer = StoredExplainer(self, summarizer)
         calibrate_users(basis, explainer, human_references(self.roles["test"], self.probe_prompts),
                         parse_human_weight(self.cfg.human_weight))
-        explain_cache(self.cache, explainer, basis, ids=[e.id for e in entries])
+        wanted = {e.id for e in entries}
+        pending = [e for e in unexplained(self.cache) if e.id in wanted]
+        reports = cloud_reports(summarizer, self.base.tokenizer, self.corpus, pending)
+        explain_cache(self.cache, explainer, basis, ids=[e.id for e in entries], reports=reports)
         return basis
 
     def fresh_basis(self, drifts: dict[str, Drift], summarizer: Summarizer, tau_orth: float = 0.1,
