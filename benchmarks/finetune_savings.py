@@ -1,4 +1,4 @@
-"""Headline measurement of the fine-tuning engine (issue: fine-tuning + cache, item 4; paper Table 5).
+"""Headline measurement of the fine-tuning engine (paper Table 5).
 
 For each similarity s, one cloud pLLM per style (`production.build_cache`). For each style a user holds
 samples of that style; the same target loss (from the from-scratch run's best held-out loss, see

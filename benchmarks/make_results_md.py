@@ -50,7 +50,7 @@ def harness_section(harness_dir: Path, out: Path) -> str:
     if not path.is_file():
         return title + "Not run yet: `python benchmarks/selection_harness.py` (see its docstring).\n"
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path (tests)
-    from selection_harness import markdown
+    from selection_harness import command, markdown
     results = json.loads(path.read_text())
     figure = os.path.relpath(harness_dir / "summary.png", out.parent)
     tuned = "; ".join(f"{what}: {', '.join(corpora)}" for what, corpora in results[0]["development_corpora"].items())
@@ -61,8 +61,8 @@ def harness_section(harness_dir: Path, out: Path) -> str:
             f"on (development; the others are evaluation corpora): {tuned}.\n\n"
             + markdown(results) + "\n\nPaper, real-world corpora at similarity 0.9 (Table 5; 8B summarizer): "
             "Llama-3.2-1B 96.7%, Qwen2-0.5B 92.4%, SmolLM-360M 92.8%.\n\n"
-            "Commands: `python benchmarks/real_corpora.py`, then `python benchmarks/selection_harness.py --corpora "
-            + " ".join(r["path"] for r in results) + "`\n\n" + f"![selection harness]({figure})\n")
+            "Commands: `python benchmarks/real_corpora.py`, then\n\n"
+            + "".join(f"- `{command(r)}`\n" for r in results) + f"\n![selection harness]({figure})\n")
 
 
 def build(results_dir: Path, out: Path, harness_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""ONNX Runtime training vs PyTorch: LoRA step time, tokens/s, peak memory, loss agreement (issue 7, A.4).
+"""ONNX Runtime training vs PyTorch: LoRA step time, tokens/s, peak memory, loss agreement.
 
 Both engines train the same fresh LoRA (same seed, so identical start weights) on the same batches of
 real text, ``--batch-size`` x ``--seq-len`` tokens each, with ``--threads`` intra-op threads (default 1:

@@ -272,7 +272,28 @@ def markdown(results: list[dict]) -> str:
                 lines.append(f"| {tag} | {s} | {m} | {v['accuracy']:.3f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}] | "
                              f"{v['n']} | {v['device_seconds_mean']:.2f} | {v['bytes_down_mean'] / 1e6:.3f} | "
                              f"{v['hubness']['max_share']:.2f} |")
+    checks = [r for r in results if r.get("self_report_check")]
+    if checks:
+        lines += ["", "Self-report check (``self-report-min-cosine``) on each corpus's pLLMs as if uploaded: reports "
+                  "accepted, and the honest reports' cosine with the pLLM's own probe answers.", "",
+                  "| corpus | threshold | honest | random vector | negated | another pLLM's | honest cosine |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in checks:
+            c = r["self_report_check"]
+            cos = [p["honest"]["cosine"] for p in c["pllms"].values()]
+            another = c["another pLLM's accepted"]
+            lines.append(f"| {r['corpus']} | {c['threshold']} | {c['honest accepted']} | {c['random accepted']} | "
+                         f"{c['negated accepted']} | {another} | {min(cos):.2f}-{max(cos):.2f} |")
     return "\n".join(lines)
+
+
+def command(result: dict) -> str:
+    """The command that measured a result (its non-default options included)."""
+    c = result["config"]
+    return (f"python benchmarks/selection_harness.py --corpora {result['path']} --methods {' '.join(c['methods'])} "
+            f"--similarities {' '.join(str(s) for s in c['similarities'])} --users-per-style {c['users_per_style']} "
+            f"--small-users-per-style {c['small_users_per_style']} --user-samples {c['user_samples']} "
+            f"--loss-users-per-style {c['loss_users_per_style']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,7 +142,7 @@ def _write(out: Path, rows: list[dict], summary: dict) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'user':<12}{'chose':<12}{'ok':<4}{'L1':>7}{'scratch':>9}{'pLLM':>6}  user's data explained as")
+    print(f"\n{'user':<12}{'chose':<12}{'ok':<4}{'dist':>7}{'scratch':>9}{'pLLM':>6}  user's data explained as")
     for r in rows:
         ps = "-" if r["pllm_steps"] is None else r["pllm_steps"]
         ss = "-" if r["scratch_steps"] is None else r["scratch_steps"]

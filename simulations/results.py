@@ -213,7 +213,7 @@ def read_rounds(out: str | Path) -> list[dict]:
 
 def user_round_table(rows: Sequence[dict]) -> str:
     """The short table `xpert simulate` prints: one line per user-round."""
-    head = (f"{'rnd':>3} {'user':<8} {'style':<11} {'chose':<7} {'pLLM style':<12} {'ok':<2} {'L1':>6} "
+    head = (f"{'rnd':>3} {'user':<8} {'style':<11} {'chose':<7} {'pLLM style':<12} {'ok':<2} {'dist':>6} "
             f"{'steps':>5} {'scratch':>7} {'sec':>5} {'down KB':>8} {'up KB':>7}  status")
     lines = [head]
     for r in rows:

@@ -158,7 +158,7 @@ class UserRound:
     weights: list[float] = field(default_factory=list)
     chosen_labels: list[str | None] = field(default_factory=list)
     chosen_label: str | None = None  # label of the heaviest parent ("base" for the base model)
-    distance: float | None = None  # L1 to the chosen coordinate (None: nothing offered, or not XPerT)
+    distance: float | None = None  # selection distance to the chosen pLLM (None: nothing offered, or not XPerT)
     style_available: bool | None = None  # an offered pLLM has the user's label (None: label unknown)
     correct: bool | None = None  # chosen_label == label; judged only when style_available
     new_id: str | None = None

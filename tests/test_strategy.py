@@ -611,7 +611,7 @@ def test_choice_replies_record_the_devices_selection_cost(tmp_path, method):
     first, second = (strategy._current[m.metadata.dst_node_id] for m in msgs)
     assert list(choices) == [msgs[0].metadata.dst_node_id] and first.chosen == [ids[1]]
     assert first.selection == good.to_json() and first.selection["bytes_down"] == 1234 and first.method == method
-    assert first.distance is None  # a baseline's choice has no L1 distance
+    assert first.distance is None  # a baseline's choice has no selection distance
     assert first.to_json()["selection"]["evaluations"] == 3
     assert second.status == "select-invalid" and "ran selection 'xpert'" in second.error
 

@@ -6,7 +6,7 @@ modules win over the config, every LoRA tensor of it is trainable). Everything e
 batches, evaluation schedule, stop rules) is the same for every start point, so "steps to target"
 compares fairly.
 
-Protocol (DESIGN item 10):
+Protocol:
 
 1. Fine-tune from the base (``start=None``) with no target: it runs until the held-out loss stops
    improving (``patience`` evaluations without improvement), ``max_steps`` or ``max_seconds``.

@@ -1,4 +1,4 @@
-"""The experiment suite of paper §7 (issue 6, item 2): `xpert experiment NAME --out DIR`.
+"""The experiment suite of paper §7 : `xpert experiment NAME --out DIR`.
 
 One module per experiment; each defines NAME, TITLE, SMALL / FULL presets (overrides of
 ``runner.ExperimentConfig``), ROW_KEYS, PAPER (the paper's reference numbers), ``run(bench) -> Outcome``,
