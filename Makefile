@@ -30,7 +30,9 @@ jvm-deps:
 jvm: $(STAMP) jvm-deps
 	$(MAKE) -C android_client jar junit PY=$(abspath $(BIN)/python)
 
+# Imports run one way (contracts: [tool.importlinter] in pyproject.toml), checked before the tests.
 test: $(STAMP) jvm-deps
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 test-slow: $(STAMP) jvm-deps

@@ -1,6 +1,6 @@
 """The XPerT device as a Flower ClientApp: register, select, fine-tune.
 
-Handlers only translate messages (``strategies.protocol``) to the framework-free device steps in
+Handlers only translate messages (``protocol``) to the framework-free device steps in
 ``clients.device``. What leaves the device: its opaque user id (and, for evaluation, its style
 label), its choice (ids, merge weights, one distance) with what choosing cost it (bytes, evaluations,
 tokens, seconds), and after fine-tuning its new adapter with cost metrics. Its samples, its drift
@@ -26,7 +26,7 @@ import time
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from strategies import protocol
+import protocol
 
 app = ClientApp()
 LOG = logging.getLogger("flwr.xpert.device")
@@ -81,7 +81,7 @@ def select(msg: Message, context: Context) -> Message:
 
         set_threads(_threads(context))  # also for methods that load no model (text-encoder)
         selection = choose(data, req, lambda: _models(context))
-        choice, cost = selection.choice, selection.cost()
+        choice, cost = selection.choice, protocol.SelectionCost.of(selection)
     LOG.info("%s: %s %s %s among %s pLLM(s) in %.1fs (%s bytes, %s evaluations)", data.user, req.method,
              choice.kind, list(choice.ids), len(req.ids), time.perf_counter() - t0, cost.bytes_down, cost.evaluations)
     return Message(protocol.choice_reply(choice, cost), reply_to=msg)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from clients.users import UserData
-from strategies.protocol import OfferRequest, ProtocolError, SelectRequest
+from protocol import MessageSizes, OfferRequest, ProtocolError, SelectRequest
 from xpert_fl.adapters import Adapter, base_linear_shapes, validate_adapter
 from xpert_fl.baselines import (
     OfferedPLLM,
@@ -71,12 +71,13 @@ def choose(data: UserData, req: SelectRequest | OfferRequest, models: Callable[[
         selector = XPerTSelector(models().summarizer, req.basis, ProbeConfig(**req.probe), req.delta, req.max_parents,
                                  req.distance)
         offer = ReceivedOffer(tuple(OfferedPLLM(i, coords=c.tolist()) for i, c in req.coords_by_id().items()))
-        return selector.select(SelectionTask(models().base, offer, data.train))
+        return selector.select(SelectionTask(models().base, offer, data.train, sizes=MessageSizes()))
     selector = _baseline(req)
     base = models().base if needs_base(selector) else None
     config = FinetuneConfig(max_seq_len=req.max_seq_len, eval_batch_size=req.eval_batch_size)
     offer = _offered(req, selector.receives, base)
-    task = SelectionTask(base, offer, data.train, label=req.user_label, seed=req.seed, config=config)
+    task = SelectionTask(base, offer, data.train, label=req.user_label, seed=req.seed, config=config,
+                         sizes=MessageSizes())
     return selector.select(task)
 
 

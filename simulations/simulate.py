@@ -5,7 +5,7 @@
 2. Flower: a fresh copy of that cache (``<out>/cache``) is the server's starting cache; a SuperLink in
    simulation mode runs the XPerT app with `flwr run` (Ray backend, one virtual SuperNode per user).
    Users arrive a few per round, so later users choose among what earlier users uploaded.
-3. Print one line per user-round; the results folder is ``<out>`` (see ``simulations/results.py``).
+3. Print one line per user-round; the results folder is ``<out>`` (see ``strategies/results.py``).
 
 The default story (4 users, 2 per round, seed 0, arrival order user-2, user-0 | user-1, user-3): users
 0 and 3 write in the *elementary* style, for which the cloud has no pLLM; user 0 arrives in round 1
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from simulations.launch import FlowerProcesses, repo_root
-from simulations.results import PLOTS, read_rounds, round_lines, user_round_table
+from strategies.results import PLOTS, read_rounds, round_lines, user_round_table
 from xpert_fl.data import load_corpus
 from xpert_fl.finetune import FinetuneConfig
 from xpert_fl.models import DEFAULT_SPEC, load_model

@@ -2,7 +2,7 @@
 
 It reads the run config (``XPerTConfig``), opens (or creates) the pLLM cache and its basis, explains
 any pLLM not yet explained (e.g. the cloud pLLMs of ``xpert cache build``), runs the rounds of
-``XPerTStrategy`` and writes the results folder (``simulations.results``) after every round.
+``XPerTStrategy`` and writes the results folder (``strategies.results``) after every round.
 
 Relative ``results-dir`` / ``cache-dir`` are resolved against the ServerApp's working directory (the
 directory the SuperLink was started in); `xpert simulate` passes absolute paths.
@@ -16,8 +16,8 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from simulations.results import ResultsWriter
 from strategies.pllm_server import PLLMServer
+from strategies.results import ResultsWriter
 from strategies.xpert import XPerTConfig, XPerTStrategy
 from xpert_fl.basis import parse_human_weight
 from xpert_fl.explain import ProbeConfig

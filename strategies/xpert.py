@@ -15,7 +15,7 @@ One XPerT round (paper Fig. 3), for the users (nodes) arriving this round:
 Replies that fail, time out or are invalid are recorded (``UserRound.status``) and skipped; the round
 goes on. Every method is a pure step over messages, so the round logic runs without Flower running
 (tests feed it fake replies); ``start`` wires the steps to a ``Grid``. Each method also accounts the
-bytes of every message it creates or receives, per device and kind (``strategies.protocol``).
+bytes of every message it creates or receives, per device and kind (``protocol``).
 
 Nodes are identified to the server by an opaque user id they announce once (``query.register``);
 sampling is a seeded permutation of the registered users, consumed round by round (users *arrive*),
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from strategies import protocol
+import protocol
 from strategies.pllm_server import PLLMServer
 from xpert_fl.adapters import AdapterError
 from xpert_fl.baselines import SELECTORS

@@ -17,6 +17,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from protocol import MessageSizes
 from xpert_fl.adapters import Adapter
 from xpert_fl.baselines import SELECTORS, SelectionTask, make_selector
 from xpert_fl.baselines.core import ADAPTERS, BASIS_COORDS, EMBEDDINGS, selection_seed
@@ -83,7 +84,7 @@ def samples(corpus):
 
 @pytest.fixture(scope="module")
 def task(base, cache, samples) -> SelectionTask:
-    return SelectionTask(base, cache, samples, label="poetic", seed=0, config=CONFIG)
+    return SelectionTask(base, cache, samples, label="poetic", seed=0, config=CONFIG, sizes=MessageSizes())
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +131,10 @@ def test_free_methods_choose_without_downloading(task, ids):
         make_selector("oracle").select(replace(task, label=None))
     for sel in (scratch, oracle):
         assert (sel.bytes_down, sel.evaluations, sel.tokens, sel.seconds, sel.downloaded) == (0, 0, 0, 0.0, ())
+    bare = replace(task, sizes=None)  # no payload sizes: free methods receive nothing, the others must count
+    assert make_selector("random").select(bare).chosen in ids and make_selector("oracle").select(bare).bytes_down == 0
+    with pytest.raises(ValueError, match="SelectionTask.sizes"):
+        make_selector("exhaustive").select(bare)
 
 
 def test_exhaustive_picks_the_lowest_loss_and_pays_every_adapter(base, task, cache, ids, losses):

@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from xpert_fl.cli import build_parser, main
+from xpert_cli import build_parser, main
 
 
 def _commands(parser, prefix=()):

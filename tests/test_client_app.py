@@ -14,10 +14,10 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+import protocol
 from clients import client_app, device
 from clients.device import device_models
 from clients.users import DataConfig, parse_user_styles, user_data
-from strategies import protocol
 from strategies.pllm_server import PLLMServer
 from strategies.xpert import XPerTConfig, XPerTStrategy
 from xpert_fl.adapters import Adapter
@@ -266,7 +266,7 @@ def test_the_device_runs_the_offline_selector(base, round_trip):
     data = user_data(0, DataConfig.from_run_config(RUN_CONFIG))
     config = FinetuneConfig(max_seq_len=RUN_CONFIG["max-seq-len"], eval_batch_size=4)
     offline = make_selector("exhaustive").select(SelectionTask(base, round_trip["server"].cache, data.train,
-                                                               config=config))
+                                                               config=config, sizes=protocol.MessageSizes()))
     cost = protocol.parse_selection_cost(reply.content)
     assert protocol.parse_choice(reply.content).ids == offline.choice.ids == tuple(rec.chosen)
     assert (cost.bytes, cost.evaluations, cost.tokens) == (offline.bytes, offline.evaluations, offline.tokens)

@@ -21,8 +21,8 @@ from flwr.app import Context, Message, RecordDict
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import protocol
 from clients import client_app
-from strategies import protocol
 from xpert_fl.adapters import Adapter, AdapterError, base_linear_shapes, validate_adapter
 from xpert_fl.data import load_corpus, split_roles
 from xpert_fl.device import get_trainer

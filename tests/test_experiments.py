@@ -12,7 +12,7 @@ import pytest
 
 from simulations.experiments import experiments, load, names
 from simulations.experiments.runner import Context, ExperimentConfig, Outcome, parse_overrides, preset, record, write
-from xpert_fl.cli import build_parser
+from xpert_cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ TINY = ["styles=sarcastic,poetic", "similarities=0.9", "similarity=0.9", "probe_
 @pytest.mark.slow
 @pytest.mark.parametrize("name", names())
 def test_smallest_configuration_runs_end_to_end(name, tmp_path_factory):
-    from xpert_fl.cli import main
+    from xpert_cli import main
 
     out = tmp_path_factory.getbasetemp() / "experiments"
     work = tmp_path_factory.getbasetemp() / "experiments-work"  # shared: pLLMs and generations are reused

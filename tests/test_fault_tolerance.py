@@ -37,10 +37,11 @@ from flwr.supercore import telemetry
 from safetensors.numpy import load_file
 from test_flower_runs import TINY
 
+import protocol
 from clients import client_app
-from simulations.results import read_rounds
-from strategies import protocol, server_app
+from strategies import server_app
 from strategies.pllm_server import PLLMServer
+from strategies.results import read_rounds
 from xpert_fl.basis import TENSOR_KEY, Basis
 from xpert_fl.cache import BaseInfo, PLLMCache
 from xpert_fl.explain import BASIS_FILE, DRIFTS_FILE, ProbeConfig

@@ -22,9 +22,9 @@ import json
 import psutil
 import pytest
 
+import protocol
 from simulations.launch import FlowerProcesses, repo_root
-from simulations.results import PLOTS, read_rounds
-from strategies import protocol
+from strategies.results import PLOTS, read_rounds
 from xpert_fl.cache import BaseInfo, PLLMCache
 
 TINY = {

@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 
 from simulations.launch import FlowerProcesses, repo_root
-from simulations.results import read_rounds
+from strategies.results import read_rounds
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "android_client"
@@ -92,7 +92,7 @@ def _message_file(msg, path: Path) -> dict:
 def test_codec_matches_python_object_ids(jar, tmp_path, flower_task_identity):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-    from strategies import protocol
+    import protocol
     from xpert_fl.basis import Basis
 
     rng = np.random.default_rng(0)

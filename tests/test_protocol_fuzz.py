@@ -1,4 +1,4 @@
-"""The message parsers of ``strategies/protocol.py`` under hostile input: every parse of a mutated message
+"""The message parsers of ``protocol/__init__.py`` under hostile input: every parse of a mutated message
 either returns valid values or raises ProtocolError, nothing else.
 
 Valid messages are built with the module's own encoders, then one thing is changed: a JSON field (wrong
@@ -24,7 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from strategies import protocol as P
+import protocol as P
 from xpert_fl.adapters import Adapter
 from xpert_fl.basis import Basis
 from xpert_fl.explain import ProbeConfig

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
-from simulations.results import PLOTS, ResultsWriter, read_rounds, round_summary, user_round_table
-from strategies import protocol
+import protocol
+from strategies.results import PLOTS, ResultsWriter, read_rounds, round_summary, user_round_table
 from strategies.xpert import RoundResult, UserRound
 from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, PLLMCache

@@ -19,7 +19,7 @@ from flwr.app import Array, Error, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
-from strategies import protocol
+import protocol
 from strategies.pllm_server import PLLMServer
 from strategies.xpert import XPerTConfig, XPerTStrategy
 from xpert_fl.adapters import Adapter

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from protocol import MessageSizes
 from xpert_fl.adapters import Adapter
 from xpert_fl.baselines import Selection, SelectionTask, Selector, make_selector
 from xpert_fl.baselines.core import selection_seed
@@ -290,7 +291,7 @@ class Workbench:
         # a seed per user, drawn as the Flower round loop draws it (one shared seed: the same random pick for all)
         task = SelectionTask(self.base, cache or self.cache, user.samples, label=user.label,
                              seed=selection_seed(self.seed, 0, user.name), ids=tuple(e.id for e in entries),
-                             config=config)
+                             config=config, sizes=MessageSizes())
         return selector.select(task)
 
     # --- fine-tuning --------------------------------------------------------------------------

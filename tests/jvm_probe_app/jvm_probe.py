@@ -54,7 +54,7 @@ def _error(reply: Message) -> dict | None:
 def main(grid: Grid, context: Context) -> None:
     import torch
 
-    from strategies import protocol
+    import protocol
     from xpert_fl.adapters import Adapter
     from xpert_fl.basis import Basis
     from xpert_fl.merge import merge_adapters

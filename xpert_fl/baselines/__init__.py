@@ -1,8 +1,9 @@
 """Selection methods behind one interface: XPerT and the paper's baselines (issue 6, item 1).
 
-``make_selector("exhaustive").select(SelectionTask(base, cache, samples, seed=0))`` -> ``Selection``
-(a ``Choice`` plus the device's bytes, loss evaluations, tokens and seconds). ``SELECTORS`` maps every
-method name (what a run config or the CLI names) to its class; constructor keywords are its options.
+``make_selector("exhaustive").select(SelectionTask(base, cache, samples, seed=0, sizes=sizes))`` -> ``Selection``
+(a ``Choice`` plus the device's bytes, loss evaluations, tokens and seconds; ``sizes`` weighs what the
+device receives, e.g. ``protocol.MessageSizes()``). ``SELECTORS`` maps every method name (what a run
+config or the CLI names) to its class; constructor keywords are its options.
 A Flower device runs the same selectors on a ``ReceivedOffer`` (what its ``query.select`` carried)
 instead of the cache (``clients.device.choose``). See ``core`` for the accounting, ``methods`` and
 ``text_encoder`` for each method.

@@ -8,13 +8,13 @@ the server's :class:`~xpert_fl.cache.PLLMCache` (offline experiments) or a :clas
 
 Cost accounting (identical for every method, so the numbers compare):
 
-* ``bytes``: what the device receives *for selecting*, by payload kind, each payload counted with
-  ``strategies.protocol.payload_bytes`` over the very records the Flower message contract uses:
-  ``basis+coords`` (XPerT: ``select_request``), ``adapters`` (``adapter_bytes`` of every pLLM the
-  device downloads, once per pLLM), ``embeddings`` (``text_embeddings_offer``). The message envelope
-  (a few hundred bytes per message, alike for every method) is not included. Adapters downloaded
-  for selection stay on the device (``downloaded``): the chosen one needs no second download (the
-  Flower contract sends it again in ``train``; ``strategies.protocol`` counts that separately).
+* ``bytes``: what the device receives *for selecting*, by payload kind, each payload measured by the
+  task's :class:`PayloadSizes` (``protocol.MessageSizes``: over the very records the Flower message
+  contract uses): ``basis+coords`` (XPerT), ``adapters`` (every pLLM the device downloads, once per
+  pLLM), ``embeddings`` (text encoder). The message envelope (a few hundred bytes per message, alike
+  for every method) is not included. Adapters downloaded for selection stay on the device
+  (``downloaded``): the chosen one needs no second download (the Flower contract sends it again in
+  ``train``; ``protocol`` counts that separately).
 * ``evaluations`` / ``tokens``: forward batches over the user's samples with the base model or a
   pLLM applied (loss evaluations), and the non-pad tokens forwarded in them.
 * ``seconds``: wall-clock seconds of the device's computation (applying adapters, forwards, the
@@ -31,9 +31,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-# The message contract measures every payload, so baselines are counted exactly like XPerT's rounds.
-from strategies.protocol import SelectionCost, adapter_bytes
+import numpy as np
+
 from xpert_fl.adapters import Adapter
+from xpert_fl.basis import Basis
 from xpert_fl.data.corpus import Sample
 from xpert_fl.finetune import (
     IGNORE_INDEX,
@@ -62,6 +63,19 @@ class OfferEntry(Protocol):
     def label(self) -> str | None: ...
     @property
     def coords(self) -> list[float] | None: ...
+
+
+class PayloadSizes(Protocol):
+    """Bytes of each payload a device receives for selecting, as the transport carries it. The caller
+    gives them (``protocol.MessageSizes``: the Flower message contract's own records), so every method
+    is counted exactly like XPerT's rounds while the method itself knows no transport."""
+
+    def adapter(self, adapter: Adapter) -> int: ...
+    def basis_coords(
+        self, basis: Basis, ids: Sequence[str], coords: np.ndarray, delta: float, max_parents: int, probe: dict,
+        distance: str,
+    ) -> int: ...
+    def embeddings(self, ids: Sequence[str], vectors: np.ndarray, encoder: str) -> int: ...
 
 
 class PLLMSource(Protocol):
@@ -111,7 +125,7 @@ class SelectionTask:
     is evaluation ground truth that only the oracle reads; ``ids`` restricts the offer (None: every
     entry of ``cache``, a cache or what the device received); ``config`` gives ``max_seq_len`` and
     ``eval_batch_size`` of loss evaluations. ``base`` may be None for methods that run no model
-    (:func:`needs_base`)."""
+    (:func:`needs_base`), ``sizes`` for methods that receive nothing (scratch, random, oracle)."""
 
     base: LoadedModel | None
     cache: PLLMSource
@@ -120,6 +134,7 @@ class SelectionTask:
     seed: int = 0
     ids: tuple[str, ...] | None = None
     config: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sizes: PayloadSizes | None = None
 
     def entries(self) -> list[OfferEntry]:
         """The offered entries, in cache (creation) order."""
@@ -170,12 +185,6 @@ class Selection:
         d["bytes_down"], d["chosen"] = self.bytes_down, self.chosen
         return d
 
-    def cost(self) -> SelectionCost:
-        """What a Flower device reports with its choice: the costs, not the scores or details (they are
-        functions of the user's data)."""
-        return SelectionCost(self.method, dict(self.bytes), self.evaluations, self.tokens, self.seconds,
-                             len(self.downloaded))
-
 
 class Selector(Protocol):
     """A selection method; ``name`` is its key in ``xpert_fl.baselines.SELECTORS``. ``receives``: the
@@ -201,13 +210,20 @@ def single(entry_id: str | None) -> Choice:
 class DeviceMeter:
     """Accumulates one selection's device costs; ``selection`` turns them into the result."""
 
-    def __init__(self, method: str):
-        self.method = method
+    def __init__(self, method: str, sizes: PayloadSizes | None = None):
+        self.method, self._sizes = method, sizes
         self.bytes: dict[str, int] = {}
         self.adapters: dict[str, Adapter] = {}
         self.evaluations = 0
         self.tokens = 0
         self.seconds = 0.0
+
+    @property
+    def sizes(self) -> PayloadSizes:
+        """The task's payload sizes: a method that receives a payload cannot count it without them."""
+        if self._sizes is None:
+            raise ValueError(f"{self.method!r} counts the bytes it receives: SelectionTask.sizes is needed")
+        return self._sizes
 
     def receive(self, kind: str, nbytes: int) -> None:
         self.bytes[kind] = self.bytes.get(kind, 0) + int(nbytes)
@@ -216,7 +232,7 @@ class DeviceMeter:
         """The pLLM's adapter as the device receives it, paid for once per pLLM."""
         if entry_id not in self.adapters:
             adapter = source.load_adapter(entry_id)
-            self.receive(ADAPTERS, adapter_bytes(adapter))
+            self.receive(ADAPTERS, self.sizes.adapter(adapter))
             self.adapters[entry_id] = adapter
         return self.adapters[entry_id]
 

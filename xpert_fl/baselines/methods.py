@@ -40,9 +40,9 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import optuna
 
-from strategies.protocol import SelectRequest, payload_bytes, select_request
 from xpert_fl.baselines.core import (
     ADAPTERS,
     BASIS_COORDS,
@@ -102,7 +102,7 @@ class ExhaustiveSelector:
     receives = ADAPTERS
 
     def select(self, task: SelectionTask) -> Selection:
-        meter = DeviceMeter(self.name)
+        meter = DeviceMeter(self.name, task.sizes)
         loss = UserLoss(task, meter)
         scores = {e.id: loss.loss(meter.download(task.cache, e.id)) for e in task.entries()}
         best = min(scores, key=scores.__getitem__) if scores else None  # ties: first in cache order
@@ -126,7 +126,7 @@ class BayesOptSelector:
         self.last_study: optuna.Study | None = None
 
     def select(self, task: SelectionTask) -> Selection:
-        meter = DeviceMeter(self.name)
+        meter = DeviceMeter(self.name, task.sizes)
         ids = [e.id for e in task.entries()]
         if not ids:
             return meter.selection(single(None))
@@ -170,7 +170,7 @@ class HyperbandSelector:
         self.last_study: optuna.Study | None = None
 
     def select(self, task: SelectionTask) -> Selection:
-        meter = DeviceMeter(self.name)
+        meter = DeviceMeter(self.name, task.sizes)
         ids = [e.id for e in task.entries()]
         if not ids:
             return meter.selection(single(None))
@@ -246,11 +246,11 @@ class XPerTSelector:
             self.summarizer = Summarizer(task.base)
         basis = self.basis or self._cache_basis(task)
         ids, coords = offered_coordinates(task.entries(), basis.size)
-        meter = DeviceMeter(self.name)
+        meter = DeviceMeter(self.name, task.sizes)
         if not ids:  # nothing explained to compare with: the base model, as the Flower device does
             return meter.selection(single(None))
-        req = SelectRequest(basis, tuple(ids), coords, self.delta, self.max_parents, asdict(self.probe), self.distance)
-        meter.receive(BASIS_COORDS, payload_bytes(select_request(req)))
+        meter.receive(BASIS_COORDS, meter.sizes.basis_coords(basis, ids, coords, self.delta, self.max_parents,
+                                                              asdict(self.probe), self.distance))
         key = (basis.summarizer, tuple(basis.words), basis.human_weight, tuple(task.samples))
         if key not in self._mine:
             t0 = time.perf_counter()
@@ -259,7 +259,8 @@ class XPerTSelector:
         mine, seconds = self._mine[key]
         meter.seconds += seconds
         with meter.device():
-            choice = select(mine.coords, req.coords_by_id(), self.delta, self.max_parents, size=basis.size,
+            offered = {i: coords[row].astype(np.float64) for row, i in enumerate(ids)}
+            choice = select(mine.coords, offered, self.delta, self.max_parents, size=basis.size,
                             gram=basis.metric(self.distance))
         return meter.selection(choice, choice.distances, basis_size=basis.size, explanation=mine.text)
 

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from strategies.protocol import payload_bytes, text_embeddings_offer
 from xpert_fl.baselines.core import EMBEDDINGS, DeviceMeter, Selection, SelectionTask, single
 from xpert_fl.data import load_corpus, split_roles
 from xpert_fl.encoder import TextEncoder, default_encoder
@@ -64,7 +63,7 @@ class TextEncoderSelector:
         self.add_texts(entry_id, [a if a.strip() else "(no answer)" for a in answers])
 
     def select(self, task: SelectionTask) -> Selection:
-        meter = DeviceMeter(self.name)
+        meter = DeviceMeter(self.name, task.sizes)
         ids = [e.id for e in task.entries()]
         if not ids:
             return meter.selection(single(None))
@@ -72,7 +71,7 @@ class TextEncoderSelector:
             if entry_id not in self.vectors:
                 self._probe(task, entry_id)
         matrix = np.stack([self.vectors[i] for i in ids])
-        meter.receive(EMBEDDINGS, payload_bytes(text_embeddings_offer(ids, matrix, self.encoder.fingerprint)))
+        meter.receive(EMBEDDINGS, meter.sizes.embeddings(ids, matrix, self.encoder.fingerprint))
         with meter.device():
             cosines = matrix @ self.encoder.mean([s.response for s in task.samples])
         scores = dict(zip(ids, cosines.astype(float).tolist(), strict=True))

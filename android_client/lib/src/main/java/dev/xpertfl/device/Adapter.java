@@ -109,7 +109,7 @@ public final class Adapter {
         return b.append(')').toString();
     }
 
-    // --- records (strategies.protocol.adapter_records / parse_adapter) -------------------------------
+    // --- records (protocol.adapter_records / parse_adapter) ------------------------------------------
     public void putInto(RecordDict rd, String name) {
         ArrayRecord arrays = new ArrayRecord();
         for (Map.Entry<String, NdArray> e : tensors.entrySet()) arrays.put(e.getKey(), e.getValue());

@@ -17,7 +17,7 @@ import java.util.logging.Logger;
 
 /**
  * The XPerT device on top of {@link FleetNode}: answers the three message types of the contract in
- * {@code strategies/protocol.py} exactly as the Python ClientApp does.
+ * {@code protocol/__init__.py} exactly as the Python ClientApp does.
  *
  * <ul>
  *   <li>{@code query.register} → config "register" {user, label?}</li>

@@ -1,5 +1,8 @@
 """The XPerT message contract between the server (``strategies/``) and devices (``clients/``).
 
+A layer of its own, below both and above the method (``xpert_fl``, which knows no transport): the
+server and the devices share it without importing each other (``[tool.importlinter]``, pyproject.toml).
+
 One round, per device (message type -> records in its ``RecordDict``)::
 
     server -> device  query.register   (once per run) config "register"
@@ -58,6 +61,7 @@ from xpert_fl.select import DISTANCES, Choice
 
 if TYPE_CHECKING:  # torch/peft take seconds to import: only the train messages need them
     from xpert_fl.adapters import Adapter
+    from xpert_fl.baselines.core import Selection
 
 # --- message types (Flower routes "<category>.<action>"; categories: train / evaluate / query) ---
 REGISTER = "query.register"
@@ -238,7 +242,8 @@ def message_bytes(message: Message) -> int:
 def payload_bytes(content: RecordDict) -> int:
     """Bytes of a message's content alone, counted like :func:`message_bytes` but without the message
     object itself (metadata, a few hundred bytes): what a payload costs whichever message carries it.
-    The selection baselines (``xpert_fl.baselines``) count every method's downloads with it."""
+    The selection baselines (``xpert_fl.baselines``) count every method's downloads with it
+    (:class:`MessageSizes`)."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
@@ -480,6 +485,26 @@ def text_embeddings_offer(ids: Sequence[str], vectors: np.ndarray, encoder: str)
     return offer_request(OfferRequest("text-encoder", tuple(ids), embeddings=np.asarray(vectors), encoder=encoder))
 
 
+class MessageSizes:
+    """The payload sizes of ``xpert_fl.baselines`` (``SelectionTask.sizes``) measured over this contract's
+    records (:func:`payload_bytes`), so offline experiments and devices count every method's bytes as the
+    Flower messages carry them."""
+
+    def adapter(self, adapter: Adapter) -> int:
+        return adapter_bytes(adapter)
+
+    def basis_coords(
+        self, basis: Basis, ids: Sequence[str], coords: np.ndarray, delta: float, max_parents: int, probe: dict,
+        distance: str,
+    ) -> int:
+        """XPerT's ``query.select`` payload: the basis and every offered pLLM's coordinates, with the rules."""
+        req = SelectRequest(basis, tuple(ids), coords, delta, max_parents, probe, distance)
+        return payload_bytes(select_request(req))
+
+    def embeddings(self, ids: Sequence[str], vectors: np.ndarray, encoder: str) -> int:
+        return payload_bytes(text_embeddings_offer(ids, vectors, encoder))
+
+
 # --- the choice --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SelectionCost:
@@ -504,6 +529,13 @@ class SelectionCost:
             raise ProtocolError(f"selection cost counts must be non-negative integers, got {self}")
         if not (isinstance(self.seconds, int | float) and 0 <= self.seconds < float("inf")):
             raise ProtocolError(f"selection seconds must be finite and >= 0, got {self.seconds!r}")
+
+    @classmethod
+    def of(cls, selection: Selection) -> SelectionCost:
+        """What a device reports with its choice: the costs, not the scores or details (they are functions
+        of the user's data)."""
+        return cls(selection.method, dict(selection.bytes), selection.evaluations, selection.tokens,
+                   selection.seconds, len(selection.downloaded))
 
     @property
     def bytes_down(self) -> int:

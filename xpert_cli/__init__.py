@@ -1,4 +1,7 @@
-"""`xpert ...`: the command-line entry point. Each command is a small function over the library."""
+"""`xpert ...`: the command-line entry point. Each command is a small function over the library.
+
+The top layer (``[tool.importlinter]`` in pyproject.toml): the one package that drives ``simulations``,
+so it lives outside the framework-free method package ``xpert_fl``."""
 
 from __future__ import annotations
 
@@ -345,7 +348,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, CorpusError, CacheError, ValueError, KeyError, OSError) as err:
         print(f"xpert: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,7 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from strategies import protocol  # noqa: E402
+import protocol  # noqa: E402
 from strategies.xpert import RoundResult  # noqa: E402
 
 PLOTS = ("cache_basis.png", "selection_accuracy.png", "finetune_cost.png", "bytes.png")
