@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +31,8 @@ from tqdm.auto import tqdm
 
 from xpert_fl.chat import chat_prompt
 from xpert_fl.explain import ProbeConfig
-from xpert_fl.probe import generate
+from xpert_fl.files import atomic_file
+from xpert_fl.probe import generate, nonempty
 from xpert_fl.summarizer import REFERENCE_WORDS, WORD_PROMPT, Summarizer
 
 STYLE_INSTRUCTION = "{prompt}\n\nAnswer in {article} {word} style."
@@ -65,7 +65,7 @@ def stylized_answers(
     loaded = summarizer.loaded
     out = generate(loaded.model, loaded.tokenizer, texts, probe.max_new_tokens, probe.batch_size, progress=progress)
     n = len(prompts)
-    return [[t if t.strip() else "(no answer)" for t in out[i * n : (i + 1) * n]] for i in range(len(words))]
+    return [nonempty(out[i * n : (i + 1) * n]) for i in range(len(words))]
 
 
 def stylized_vectors(
@@ -387,15 +387,11 @@ class PromptTuner:
         """Soft tokens + metadata as safetensors, written atomically (temp file + rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
         tensors = {"prefix": self.prefix.detach().contiguous(), "suffix": self.suffix.detach().contiguous()}
         if self.offset is not None:
             tensors["offset"] = self.offset.detach().contiguous()
-        try:
+        with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata=self._metadata())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod

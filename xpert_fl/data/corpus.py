@@ -14,6 +14,8 @@ from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
+from xpert_fl.files import atomic_write_text
+
 NEUTRAL = "neutral"
 BUILTIN = {
     "builtin": "instructions",  # default: instruction -> response in 8 styles
@@ -158,10 +160,7 @@ def write_corpus(corpus: StyleCorpus, directory: str | Path) -> None:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     for style, samples in {**corpus.styles, NEUTRAL: corpus.neutral}.items():
-        tmp = out / f".{style}.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for s in samples:
-                f.write(json.dumps({"prompt": s.prompt, "response": s.response}, ensure_ascii=False) + "\n")
-        tmp.replace(out / f"{style}.jsonl")
+        lines = (json.dumps({"prompt": s.prompt, "response": s.response}, ensure_ascii=False) + "\n" for s in samples)
+        atomic_write_text(out / f"{style}.jsonl", "".join(lines))
     if corpus.levels:
         (out / "levels.json").write_text(json.dumps(corpus.levels))
