@@ -91,32 +91,6 @@ def stylized_vectors(
     return np.stack(rows).astype(np.float32)
 
 
-def stylized_vector(
-    summarizer: Summarizer,
-    word: str,
-    prompts: Sequence[str],
-    base_answers: Sequence[str],
-    probe: ProbeConfig,
-    instruction: str = STYLE_INSTRUCTION,
-) -> np.ndarray:
-    """Route-(a) sub-vector of one word (paper §4.2)."""
-    return stylized_vectors([word], summarizer, prompts, base_answers, probe, instruction)[0]
-
-
-class StylizedRoute:
-    """Route (a) as a ``word -> vector`` callable (e.g. for ``Basis.decompose``), memoised per word."""
-
-    def __init__(self, summarizer: Summarizer, prompts: Sequence[str], base_answers: Sequence[str], probe: ProbeConfig):
-        self.summarizer, self.probe = summarizer, probe
-        self.prompts, self.base_answers = list(prompts), list(base_answers)
-        self._memo: dict[str, np.ndarray] = {}
-
-    def __call__(self, word: str) -> np.ndarray:
-        if word not in self._memo:
-            self._memo[word] = stylized_vector(self.summarizer, word, self.prompts, self.base_answers, self.probe)
-        return self._memo[word]
-
-
 # --- errors ----------------------------------------------------------------------------------------
 def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise 1 - cos(a, b) (1-D inputs give a scalar array)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -46,18 +45,6 @@ class StyleCorpus:
     styles: dict[str, list[Sample]]
     neutral: list[Sample]
     levels: list[str] = field(default_factory=list)  # ordered styles, when the corpus is a levels set
-
-    @property
-    def style_names(self) -> list[str]:
-        return list(self.styles)
-
-    def neutral_for(self, prompt: str) -> Sample | None:
-        """The neutral answer to the same prompt, if the corpus has one (instruction data)."""
-        return self._neutral_by_prompt.get(prompt) if prompt else None
-
-    @cached_property
-    def _neutral_by_prompt(self) -> dict[str, Sample]:
-        return {s.prompt: s for s in self.neutral if s.prompt}
 
 
 def read_samples(path: str | Path) -> list[Sample]:
