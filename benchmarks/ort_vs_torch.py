@@ -38,6 +38,7 @@ from xpert_fl.adapters import Adapter
 from xpert_fl.data import load_corpus, split_roles
 from xpert_fl.device.artifacts import BASE_WEIGHTS, MANIFEST, LoraShape, artifacts_for
 from xpert_fl.device.ort_trainer import OrtSession
+from xpert_fl.files import atomic_write_text
 from xpert_fl.finetune import FinetuneConfig, TorchSession, _PeakRSS, collate, encode, prepare_model
 from xpert_fl.models import cache_root, load_model
 
@@ -185,9 +186,7 @@ def main() -> None:
     text = json.dumps(report, indent=1)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.tmp")
-    tmp_out.write_text(text)
-    os.replace(tmp_out, args.out)
+    atomic_write_text(args.out, text)
 
 
 if __name__ == "__main__":

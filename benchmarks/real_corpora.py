@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from xpert_fl.files import atomic_dir
+
 FORTUNES = Path("/usr/share/games/fortunes")
 DICTD = Path("/usr/share/dictd")
 OUT = Path(__file__).resolve().parent / "results" / "corpora"
@@ -192,29 +194,26 @@ def build(name: str, per_style: int, neutral: int, out: Path, seed: int = 0) -> 
     """Write corpus ``name`` to ``out/name`` (temp dir, then rename); returns its directory."""
     sources = CORPORA[name]
     target = out / name
-    tmp = out / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    manifest = {"corpus": name, "seed": seed, "max_chars": MAX_CHARS, "styles": {}}
-    used_prompts: set[str] = set()
-    for style, src in sorted(sources.items(), key=lambda kv: kv[0] != "neutral"):  # neutral first
-        want = neutral if style == "neutral" else per_style
-        texts = list(dict.fromkeys(t for t in src.read(src.path) if len(t[1]) >= src.min_chars))
-        # a term defined by two dictionaries belongs to one of them only: prompts identify a sample's role
-        texts = [t for t in texts if not t[0] or t[0] not in used_prompts]
-        random.Random(f"{seed}:{name}:{style}").shuffle(texts)
-        if len(texts) < want:
-            raise SourceMissing(f"{src.path} ({src.package}): {len(texts)} usable texts, {want} wanted")
-        chosen = texts[:want]
-        used_prompts.update(p for p, _ in chosen if p)
-        with open(tmp / f"{style}.jsonl", "w", encoding="utf-8") as f:
-            for prompt, response in chosen:
-                f.write(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False) + "\n")
-        manifest["styles"][style] = {"package": src.package, "file": str(src.path), "samples": len(chosen),
-                                     "available": len(texts), "min_chars": src.min_chars}
-    (tmp / "SOURCES.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(target) as tmp:
+        manifest = {"corpus": name, "seed": seed, "max_chars": MAX_CHARS, "styles": {}}
+        used_prompts: set[str] = set()
+        for style, src in sorted(sources.items(), key=lambda kv: kv[0] != "neutral"):  # neutral first
+            want = neutral if style == "neutral" else per_style
+            texts = list(dict.fromkeys(t for t in src.read(src.path) if len(t[1]) >= src.min_chars))
+            # a term defined by two dictionaries belongs to one of them only: prompts identify a sample's role
+            texts = [t for t in texts if not t[0] or t[0] not in used_prompts]
+            random.Random(f"{seed}:{name}:{style}").shuffle(texts)
+            if len(texts) < want:
+                raise SourceMissing(f"{src.path} ({src.package}): {len(texts)} usable texts, {want} wanted")
+            chosen = texts[:want]
+            used_prompts.update(p for p, _ in chosen if p)
+            with open(tmp / f"{style}.jsonl", "w", encoding="utf-8") as f:
+                for prompt, response in chosen:
+                    f.write(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False) + "\n")
+            manifest["styles"][style] = {"package": src.package, "file": str(src.path), "samples": len(chosen),
+                                         "available": len(texts), "min_chars": src.min_chars}
+        (tmp / "SOURCES.json").write_text(json.dumps(manifest, indent=2))
     return target
 
 

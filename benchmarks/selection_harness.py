@@ -47,6 +47,7 @@ from xpert_fl.data.corpus import load_corpus  # noqa: E402
 from xpert_fl.data.mixing import split_roles  # noqa: E402
 from xpert_fl.evaluation import confusion, hubness, wilson  # noqa: E402
 from xpert_fl.explain import trusted_drift  # noqa: E402
+from xpert_fl.files import atomic_write_text  # noqa: E402
 from xpert_fl.production import cloud_reports  # noqa: E402
 
 METHODS = ("xpert", "text-encoder", "random", "exhaustive", "oracle")
@@ -84,12 +85,6 @@ def check_capacity(corpus_dir: str, styles: list[str], users_per_style: int, sam
                 f"{have // samples} users of {samples} samples, not {users_per_style}; lower "
                 + " or ".join(fixes + ["give the style more text"])
             )
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def evaluate(corpus: str, args: argparse.Namespace) -> dict:
@@ -189,7 +184,7 @@ def _check_resume(work: Path, setting: dict) -> None:
             raise HarnessError(f"{work} holds rows measured with another setting ({what}); pass another --work")
         return
     work.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(setting))
+    atomic_write_text(path, json.dumps(setting))
 
 
 def summarize(name: str, corpus: str, rows: list[dict], styles: list[str], plan, args, seconds: float) -> dict:
@@ -322,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for corpus in args.corpora:
             result = evaluate(corpus, args)
-            _atomic_write(out / f"{result['corpus']}.json", json.dumps(result, indent=1))
+            atomic_write_text(out / f"{result['corpus']}.json", json.dumps(result, indent=1))
             plot_corpus(result, out / f"{result['corpus']}.png")
             results.append(result)
     except HarnessError as e:
@@ -334,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         if path.name != "summary.json" and path.stem not in done:
             done[path.stem] = json.loads(path.read_text())
     results = list(done.values())
-    _atomic_write(out / "summary.json", json.dumps([{k: v for k, v in r.items() if k != "rows"} for r in results],
+    atomic_write_text(out / "summary.json", json.dumps([{k: v for k, v in r.items() if k != "rows"} for r in results],
                                                    indent=1))
     plot_summary(results, out / "summary.png")
     print(markdown(results))

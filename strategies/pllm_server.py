@@ -28,7 +28,6 @@ from xpert_fl.explain import (
     SELF_REPORT_MIN_COSINE,
     Explainer,
     ProbeConfig,
-    _nonempty,
     calibrate_users,
     explain_cache,
     human_references,
@@ -38,7 +37,7 @@ from xpert_fl.explain import (
     unexplained,
 )
 from xpert_fl.models import load_model
-from xpert_fl.probe import probe_set
+from xpert_fl.probe import nonempty, probe_set
 from xpert_fl.production import cloud_reports
 from xpert_fl.summarizer import Drift, Summarizer, SummarizerConfig
 
@@ -139,7 +138,7 @@ class PLLMServer:
         known = self.text_encoder.vectors
         for i in ids:
             if i not in known:
-                self.text_encoder.add_texts(i, _nonempty(self.explainer.pllm_answers(self.adapter(i))))
+                self.text_encoder.add_texts(i, nonempty(self.explainer.pllm_answers(self.adapter(i))))
         return np.stack([known[i] for i in ids]), self.text_encoder.encoder.fingerprint
 
     # --- uploads ---------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from xpert_fl.subvectors import (
     PromptTuner,
     cosine_distance,
     route_error,
-    stylized_vector,
     stylized_vectors,
 )
 from xpert_fl.summarizer import REFERENCE_WORDS, WORD_PROMPT, Summarizer, SummarizerConfig
@@ -142,7 +141,7 @@ def test_bad_input(base, summarizer, probe_set, route_a):
     with pytest.raises(ValueError, match="one base answer per prompt"):
         stylized_vectors(["dry"], summarizer, prompts, answers[:1], PROBE)
     with pytest.raises(ValueError, match="non-empty string"):
-        stylized_vector(summarizer, "  ", prompts, answers, PROBE)
+        stylized_vectors(["  "], summarizer, prompts, answers, PROBE)
     with pytest.raises(ValueError, match="words is empty"):
         tuner.vectors([])
     with pytest.raises(ValueError, match="pairs is empty"):

@@ -10,9 +10,6 @@ import functools
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +19,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
+
+from xpert_fl.files import atomic_dir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -89,17 +88,10 @@ class Adapter:
         """Write PEFT format atomically: to a temp sibling directory, then rename into place."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_dir(directory) as tmp:
             (tmp / CONFIG_FILE).write_text(_config_text(self.config))
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={**self.meta, FINGERPRINT_KEY: self.base_fingerprint})
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

@@ -40,8 +40,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +48,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from xpert_fl.files import atomic_file
 from xpert_fl.select import check_distance
 
 FORMAT_VERSION = 2  # 2: h is the embedding of neutral human texts (1: a paired drift)
@@ -300,16 +299,8 @@ class Basis:
         tensors = {TENSOR_KEY: self.vectors}
         if self.human_offset is not None:
             tensors[OFFSET_KEY] = self.human_offset
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_file(path, fsync=True) as tmp:
             save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod

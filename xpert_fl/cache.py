@@ -43,6 +43,7 @@ from xpert_fl.adapters import (
     base_linear_shapes,
     validate_adapter,
 )
+from xpert_fl.files import atomic_file
 from xpert_fl.models import LoadedModel
 
 try:  # POSIX: cross-process writer lock. Elsewhere writers are serialised by SQLite only.
@@ -291,23 +292,13 @@ class PLLMCache:
         dest = Path(dest_file)
         dest.parent.mkdir(parents=True, exist_ok=True)
         record = {"format": ARCHIVE_FORMAT, **entry.record()}
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        tmp = Path(tmp_name)
-        try:
-            with (
-                os.fdopen(fd, "wb") as fh,
-                tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar,
-            ):
-                data = json.dumps(record, indent=2, sort_keys=True).encode()
-                info = tarfile.TarInfo(ENTRY_FILE)
-                info.size, info.mtime, info.mode = len(data), int(entry.created_at), 0o644
-                tar.addfile(info, _BytesReader(data))
-                for name in (CONFIG_FILE, WEIGHTS_FILE):
-                    tar.add(entry.path / name, arcname=name, recursive=False)
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(dest) as tmp, tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            data = json.dumps(record, indent=2, sort_keys=True).encode()
+            info = tarfile.TarInfo(ENTRY_FILE)
+            info.size, info.mtime, info.mode = len(data), int(entry.created_at), 0o644
+            tar.addfile(info, _BytesReader(data))
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                tar.add(entry.path / name, arcname=name, recursive=False)
         return dest
 
     def import_entry(self, src_file: str | Path) -> CacheEntry:

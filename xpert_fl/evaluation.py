@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from xpert_fl.files import atomic_write_text
 from xpert_fl.finetune import FinetuneResult
 
 COST_KEYS = ("steps", "seconds", "energy_joules", "samples")
@@ -55,9 +56,7 @@ class TextStore:
         if missing:
             self.texts.update(zip(missing, make(missing), strict=True))
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text(json.dumps(self.texts))
-            tmp.replace(self.path)
+            atomic_write_text(self.path, json.dumps(self.texts))
         return [self.texts[k] for k in keys]
 
 

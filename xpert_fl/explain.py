@@ -15,7 +15,6 @@ prompts, which would cancel the topic a user's texts share with them (``user_dri
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,9 @@ from xpert_fl.basis import Basis, BasisError, Decomposition
 from xpert_fl.cache import CacheEntry, PLLMCache
 from xpert_fl.chat import chat_prompt
 from xpert_fl.data.corpus import Sample, StyleCorpus
+from xpert_fl.files import atomic_file
 from xpert_fl.models import LoadedModel
-from xpert_fl.probe import ProbeSet, generate
+from xpert_fl.probe import ProbeSet, generate, nonempty
 from xpert_fl.summarizer import Drift, Summarizer
 
 
@@ -87,7 +87,7 @@ class Explainer:
         return ProbeSet(tuple(self.prompts), self.chat).contexts(self.base.tokenizer)
 
     def drift(self, adapter: Adapter) -> Drift:
-        return self.summarizer.drift(_nonempty(self.base_answers), _nonempty(self.pllm_answers(adapter)), self.contexts)
+        return self.summarizer.drift(nonempty(self.base_answers), nonempty(self.pllm_answers(adapter)), self.contexts)
 
     def base_texts(self, prompts: list[str], chat: bool) -> list[str]:
         """The base's texts in the place of a device's (a :data:`BaseAnswers`); its answers to the probe
@@ -151,7 +151,7 @@ def user_drift(
     if not samples:
         raise ValueError("user data is empty: at least one sample is needed to compute coordinates")
     if summarizer.pooled:
-        texts = _nonempty([s.response for s in samples])
+        texts = nonempty([s.response for s in samples])
         return Drift(summarizer.embed(texts, [chat_prompt(base.tokenizer, s.prompt) for s in samples]))
     answer = base_answers or base_generator(base, probe)
     chat = [s for s in samples if s.prompt]
@@ -168,7 +168,7 @@ def user_drift(
         styled += list(rests)
         contexts += list(prefixes)
     # the device only maps onto the received basis: no candidate words, so no slot prompts to run
-    return summarizer.drift(_nonempty(refs), _nonempty(styled), contexts, candidates=False)
+    return summarizer.drift(nonempty(refs), nonempty(styled), contexts, candidates=False)
 
 
 def user_coordinates(
@@ -221,11 +221,6 @@ def _split_text(text: str, fraction: float) -> tuple[str, str]:
     return " ".join(words[:cut]), " ".join(words[cut:])
 
 
-def _nonempty(texts: Sequence[str]) -> list[str]:
-    # A model may answer with nothing (immediate end of turn); the summarizer needs some text.
-    return [t if t.strip() else "(no answer)" for t in texts]
-
-
 # --- server state: the basis and every pLLM's drift live next to the cache -----------------------
 BASIS_FILE = "basis.safetensors"
 DRIFTS_FILE = "drifts.safetensors"
@@ -237,9 +232,8 @@ def load_drifts(path: Path) -> dict[str, np.ndarray]:
 
 def save_drifts(path: Path, drifts: dict[str, np.ndarray]) -> None:
     """Atomically rewrite the drift store (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in drifts.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in drifts.items()}, tmp)
 
 
 def open_basis(

@@ -12,9 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import socket
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -31,6 +29,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from xpert_fl.files import atomic_dir
 
 DEFAULT_SPEC = "smollm2-135m-instruct"
 CACHE_ENV = "XPERT_CACHE_DIR"
@@ -142,8 +142,7 @@ def convert_embedded(spec: str, force: bool = False) -> Path:
         return target
     gguf_path = _embedded_gguf(spec, emb)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         src = str(gguf_path.parent)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=emb.gguf_file)
         gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=emb.gguf_file, dtype=torch.float32)
@@ -164,12 +163,6 @@ def convert_embedded(spec: str, force: bool = False) -> Path:
             "files": {p.name: _sha256(p) for p in sorted(tmp.glob("*.safetensors"))},
         }
         (tmp / "xpert_manifest.json").write_text(json.dumps(manifest, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

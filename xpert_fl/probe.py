@@ -120,3 +120,9 @@ def generate(
     finally:
         tokenizer.padding_side = saved_side
     return outputs
+
+
+def nonempty(texts: Sequence[str]) -> list[str]:
+    """``texts`` with each blank one replaced by a placeholder: a model may answer with nothing (an
+    immediate end of turn), and the summarizer and the text encoder need some text to embed."""
+    return [t if t.strip() else "(no answer)" for t in texts]

@@ -19,6 +19,7 @@ from xpert_fl.data.corpus import Sample, StyleCorpus
 from xpert_fl.data.mixing import similarity_mixture, split_roles
 from xpert_fl.finetune import FinetuneConfig, finetune
 from xpert_fl.models import LoadedModel
+from xpert_fl.probe import nonempty
 from xpert_fl.summarizer import Summarizer
 
 
@@ -90,6 +91,6 @@ def cloud_reports(summarizer: Summarizer, tokenizer, corpus: StyleCorpus, entrie
     for entry in entries:
         samples = training_samples(corpus, entry)
         if samples:
-            texts = [s.response if s.response.strip() else "(no answer)" for s in samples]
+            texts = nonempty([s.response for s in samples])
             out[entry.id] = summarizer.embed(texts, [chat_prompt(tokenizer, s.prompt) for s in samples])
     return out

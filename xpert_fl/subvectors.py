@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +31,8 @@ from tqdm.auto import tqdm
 
 from xpert_fl.chat import chat_prompt
 from xpert_fl.explain import ProbeConfig
-from xpert_fl.probe import generate
+from xpert_fl.files import atomic_file
+from xpert_fl.probe import generate, nonempty
 from xpert_fl.summarizer import REFERENCE_WORDS, WORD_PROMPT, Summarizer
 
 STYLE_INSTRUCTION = "{prompt}\n\nAnswer in {article} {word} style."
@@ -65,7 +65,7 @@ def stylized_answers(
     loaded = summarizer.loaded
     out = generate(loaded.model, loaded.tokenizer, texts, probe.max_new_tokens, probe.batch_size, progress=progress)
     n = len(prompts)
-    return [[t if t.strip() else "(no answer)" for t in out[i * n : (i + 1) * n]] for i in range(len(words))]
+    return [nonempty(out[i * n : (i + 1) * n]) for i in range(len(words))]
 
 
 def stylized_vectors(
@@ -89,32 +89,6 @@ def stylized_vectors(
     contexts = [chat_prompt(summarizer.tokenizer, p) for p in prompts]
     rows = [summarizer.drift(list(base_answers), answers, contexts).vector for answers in styled]
     return np.stack(rows).astype(np.float32)
-
-
-def stylized_vector(
-    summarizer: Summarizer,
-    word: str,
-    prompts: Sequence[str],
-    base_answers: Sequence[str],
-    probe: ProbeConfig,
-    instruction: str = STYLE_INSTRUCTION,
-) -> np.ndarray:
-    """Route-(a) sub-vector of one word (paper §4.2)."""
-    return stylized_vectors([word], summarizer, prompts, base_answers, probe, instruction)[0]
-
-
-class StylizedRoute:
-    """Route (a) as a ``word -> vector`` callable (e.g. for ``Basis.decompose``), memoised per word."""
-
-    def __init__(self, summarizer: Summarizer, prompts: Sequence[str], base_answers: Sequence[str], probe: ProbeConfig):
-        self.summarizer, self.probe = summarizer, probe
-        self.prompts, self.base_answers = list(prompts), list(base_answers)
-        self._memo: dict[str, np.ndarray] = {}
-
-    def __call__(self, word: str) -> np.ndarray:
-        if word not in self._memo:
-            self._memo[word] = stylized_vector(self.summarizer, word, self.prompts, self.base_answers, self.probe)
-        return self._memo[word]
 
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -387,15 +361,11 @@ class PromptTuner:
         """Soft tokens + metadata as safetensors, written atomically (temp file + rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
         tensors = {"prefix": self.prefix.detach().contiguous(), "suffix": self.suffix.detach().contiguous()}
         if self.offset is not None:
             tensors["offset"] = self.offset.detach().contiguous()
-        try:
+        with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata=self._metadata())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod

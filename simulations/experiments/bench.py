@@ -38,7 +38,6 @@ from xpert_fl.explain import (
     DRIFTS_FILE,
     Explainer,
     ProbeConfig,
-    _nonempty,
     adapter_answers,
     calibrate_users,
     explain_cache,
@@ -49,7 +48,7 @@ from xpert_fl.explain import (
 )
 from xpert_fl.finetune import FinetuneConfig, FinetuneResult, finetune, target_from_scratch, with_target
 from xpert_fl.models import DEFAULT_SPEC, load_model
-from xpert_fl.probe import ProbeSet, generate, probe_set
+from xpert_fl.probe import ProbeSet, generate, nonempty, probe_set
 from xpert_fl.production import build_cache, cloud_reports
 from xpert_fl.select import nearest
 from xpert_fl.summarizer import Drift, Summarizer
@@ -190,7 +189,7 @@ class Workbench:
         if adapter.content_hash not in store:
             prompts = self.probe_prompts
             contexts = ProbeSet(tuple(prompts), self.chat).contexts(self.base.tokenizer)
-            d = summarizer.drift(_nonempty(self.answers(None, prompts)), _nonempty(self.answers(adapter, prompts)),
+            d = summarizer.drift(nonempty(self.answers(None, prompts)), nonempty(self.answers(adapter, prompts)),
                                  contexts)
             store[adapter.content_hash] = {"vector": d.vector.tolist(), "candidates": d.candidates,
                                            "probabilities": d.probabilities,
@@ -286,7 +285,7 @@ class Workbench:
             for e in entries:
                 if e.id not in selector.vectors:
                     answers = self.answers((cache or self.cache).load_adapter(e.id), self.probe_prompts)
-                    selector.add_texts(e.id, _nonempty(answers))
+                    selector.add_texts(e.id, nonempty(answers))
         config = FinetuneConfig(max_seq_len=self.cfg.max_seq_len)
         # a seed per user, drawn as the Flower round loop draws it (one shared seed: the same random pick for all)
         task = SelectionTask(self.base, cache or self.cache, user.samples, label=user.label,

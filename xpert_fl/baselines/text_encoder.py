@@ -21,7 +21,7 @@ from xpert_fl.baselines.core import EMBEDDINGS, DeviceMeter, Selection, Selectio
 from xpert_fl.data import load_corpus, split_roles
 from xpert_fl.encoder import TextEncoder, default_encoder
 from xpert_fl.explain import ProbeConfig, adapter_answers
-from xpert_fl.probe import probe_prompts
+from xpert_fl.probe import nonempty, probe_prompts
 
 DEFAULT_PROBE_PROMPTS = 24  # the run config's num-probe-prompts default
 
@@ -60,7 +60,7 @@ class TextEncoderSelector:
             test = split_roles(load_corpus("builtin"), seed=0)["test"]
             self.prompts = probe_prompts(DEFAULT_PROBE_PROMPTS, test, seed=0)
         answers = adapter_answers(task.base, task.cache.load_adapter(entry_id), self.prompts, self.probe)
-        self.add_texts(entry_id, [a if a.strip() else "(no answer)" for a in answers])
+        self.add_texts(entry_id, nonempty(answers))
 
     def select(self, task: SelectionTask) -> Selection:
         meter = DeviceMeter(self.name, task.sizes)

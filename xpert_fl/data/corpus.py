@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
 from importlib import resources
 from pathlib import Path
+
+from xpert_fl.files import atomic_write_text
 
 NEUTRAL = "neutral"
 BUILTIN = {
@@ -44,18 +45,6 @@ class StyleCorpus:
     styles: dict[str, list[Sample]]
     neutral: list[Sample]
     levels: list[str] = field(default_factory=list)  # ordered styles, when the corpus is a levels set
-
-    @property
-    def style_names(self) -> list[str]:
-        return list(self.styles)
-
-    def neutral_for(self, prompt: str) -> Sample | None:
-        """The neutral answer to the same prompt, if the corpus has one (instruction data)."""
-        return self._neutral_by_prompt.get(prompt) if prompt else None
-
-    @cached_property
-    def _neutral_by_prompt(self) -> dict[str, Sample]:
-        return {s.prompt: s for s in self.neutral if s.prompt}
 
 
 def read_samples(path: str | Path) -> list[Sample]:
@@ -158,10 +147,7 @@ def write_corpus(corpus: StyleCorpus, directory: str | Path) -> None:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     for style, samples in {**corpus.styles, NEUTRAL: corpus.neutral}.items():
-        tmp = out / f".{style}.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for s in samples:
-                f.write(json.dumps({"prompt": s.prompt, "response": s.response}, ensure_ascii=False) + "\n")
-        tmp.replace(out / f"{style}.jsonl")
+        lines = (json.dumps({"prompt": s.prompt, "response": s.response}, ensure_ascii=False) + "\n" for s in samples)
+        atomic_write_text(out / f"{style}.jsonl", "".join(lines))
     if corpus.levels:
         (out / "levels.json").write_text(json.dumps(corpus.levels))

@@ -85,9 +85,3 @@ def hub_corpus(names: list[str], per_style: int = 200, neutral_source: str = "al
                 styles[style].append(Sample(prompt.strip(), str(row[source.text_field]).strip()))
     neutral = styles.pop(NEUTRAL, [])
     return StyleCorpus(name="hub:" + "+".join(names), styles=dict(styles), neutral=neutral)
-
-
-def alpaca_prompts(n: int = 50) -> list[str]:
-    """Alpaca instructions for probing (paper §4.1), when the hub is reachable."""
-    source = SOURCES["alpaca"]
-    return [row[source.prompt_field] for row in load_hub_rows(source, limit=n)]

@@ -48,6 +48,7 @@ from onnxruntime.training.api import CheckpointState, Module
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 from xpert_fl.adapters import Adapter, AdapterError
+from xpert_fl.files import atomic_write_bytes
 from xpert_fl.finetune import IGNORE_INDEX, shared_copy
 from xpert_fl.models import LoadedModel, cache_root
 
@@ -198,7 +199,7 @@ class Artifacts:
                 for attr in node.attribute:
                     if attr.name == "adam_mode":
                         attr.i = 0
-        _atomic_write(path, model.SerializeToString())
+        atomic_write_bytes(path, model.SerializeToString())
         return path
 
     def sizes(self) -> dict[str, int]:
@@ -354,20 +355,6 @@ def artifacts_for(loaded: LoadedModel, lora: LoraShape, cache_dir: str | Path | 
         return Artifacts.open(directory)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"{err}; the cached artifact set is damaged: delete {directory} to rebuild it") from err
-
-
-# --- files --------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _size(path: Path) -> int:
