@@ -602,11 +602,11 @@ def adapter_records(adapter: Adapter, name: str) -> dict[str, ArrayRecord | Conf
 
 def parse_adapter(content: RecordDict, name: str) -> Adapter:
     """The adapter stored under ``name``; ProtocolError if a record is missing or malformed, or the config
-    lacks what its content hash reads (whether it fits the base model is checked by the receiver with
-    validate_adapter)."""
+    is not one the project loads and merges (``adapters.check_config``; whether it fits the base model is
+    checked by the receiver with validate_adapter)."""
     import torch
 
-    from xpert_fl.adapters import Adapter
+    from xpert_fl.adapters import Adapter, AdapterError, check_config
 
     what = f"adapter {name!r}"
     arrays = _arrays(content, f"{name}.arrays")
@@ -616,6 +616,10 @@ def parse_adapter(content: RecordDict, name: str) -> Adapter:
     f("lora_alpha", _number)
     f("target_modules", _modules)
     f("use_rslora", _maybe(_flag), default=None)
+    try:
+        check_config(f.value)
+    except AdapterError as err:
+        raise ProtocolError(f"{what}: {err}") from err
     base = _text(record.get("base"), f"{what} 'base'", empty=True)
     tensors = {_text(k, f"{what} tensor name"): torch.from_numpy(_float_array(arrays, k, what, 2)) for k in arrays}
     if not tensors:

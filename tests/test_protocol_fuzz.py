@@ -429,6 +429,11 @@ AUDIT = {  # case: (message kind, the mutated message, what the ProtocolError na
     "probe tokens -5": ("select", lambda: set_json("select", "select", "meta", ("probe", "max_new_tokens"), -5),
                         "'max_new_tokens'"),
     "finetune lr NaN": ("train", lambda: set_json("train", "train", "meta", ("finetune", "lr"), math.nan), "'lr'"),
+    # an adapter config only PEFT would read (found by the hypothesis test above)
+    "peft_type NaN": ("upload", lambda: set_json("upload", "upload.config", "config", ("peft_type",), math.nan),
+                      "peft_type must be 'LORA'"),
+    "use_dora true": ("upload", lambda: set_json("upload", "upload.config", "config", ("use_dora",), True),
+                      "use_dora"),
     # long strings
     "10 MB id": ("offer-labels", lambda: set_json("offer-labels", "offer", "meta", ("ids", 0), "i" * 10_000_000),
                  r"'ids'\[0\]"),
