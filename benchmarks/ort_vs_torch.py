@@ -39,7 +39,7 @@ from xpert_fl.data import load_corpus, split_roles
 from xpert_fl.device.artifacts import BASE_WEIGHTS, MANIFEST, LoraShape, artifacts_for
 from xpert_fl.device.ort_trainer import OrtSession
 from xpert_fl.files import atomic_write_text
-from xpert_fl.finetune import FinetuneConfig, TorchSession, _PeakRSS, collate, encode, prepare_model
+from xpert_fl.finetune import FinetuneConfig, PeakRSS, TorchSession, collate, encode, prepare_model
 from xpert_fl.models import cache_root, load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,7 +77,7 @@ def child(args: argparse.Namespace) -> dict:
     loaded = load_model()
     config = _config(args)
     rss_loaded = _rss_mb()
-    peak = _PeakRSS()
+    peak = PeakRSS()
     t0 = time.perf_counter()
     if args.engine == "export":
         artifacts_for(loaded, _lora(config), args.export_dir)
