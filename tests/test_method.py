@@ -218,7 +218,7 @@ def test_device_side_rejects_bad_input(base, summarizer):
 def test_a_device_embeds_its_own_texts_and_generates_nothing(base, summarizer, monkeypatch):
     """Pooled (default): the device's vector is the embedding of its texts in their own contexts (chat
     turn, or none for plain text); the base model writes nothing in their place."""
-    monkeypatch.setattr("xpert_fl.explain.generate", lambda *a, **k: pytest.fail("the device generated text"))
+    monkeypatch.setattr("xpert_fl.probe.generate", lambda *a, **k: pytest.fail("the device generated text"))
     plain = load_corpus("builtin-plain").styles["tweet"][:2]
     got = user_drift(base, summarizer, plain, PROBE).vector
     np.testing.assert_allclose(got, summarizer.embed([s.response for s in plain], ["", ""]), rtol=1e-6)

@@ -6,9 +6,10 @@ drift between base and pLLM answers is what the summarizer explains.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -16,8 +17,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from xpert_fl.adapters import Adapter
 from xpert_fl.chat import chat_prompt
 from xpert_fl.data.corpus import StyleCorpus
+from xpert_fl.models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,15 @@ class ProbeSet:
     def contexts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         """The text each answer follows: its chat turn, or the opening itself."""
         return [chat_prompt(tokenizer, p) for p in self.prompts] if self.chat else list(self.prompts)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How models are probed. Paper: 50 Alpaca prompts; CPU default: fewer, shorter answers."""
+
+    max_new_tokens: int = 48
+    batch_size: int = 8
+    prefix_fraction: float = 0.3  # prompt-less text: the share of words given to the base as prefix
 
 
 def probe_set(n: int, corpus: StyleCorpus | None = None, seed: int = 0) -> ProbeSet:
@@ -120,6 +132,25 @@ def generate(
     finally:
         tokenizer.padding_side = saved_side
     return outputs
+
+
+def adapter_answers(
+    base: LoadedModel, adapter: Adapter, prompts: Sequence[str], probe: ProbeConfig, chat: bool = True
+) -> list[str]:
+    """A pLLM's greedy answers (or plain continuations) to ``prompts``; ``base.model`` is left untouched."""
+    model = adapter.to_peft(copy.deepcopy(base.model))
+    return generate(model, base.tokenizer, prompts, probe.max_new_tokens, probe.batch_size, chat=chat)
+
+
+# (prompts, chat) -> the base model's greedy answers (chat turns) or continuations (plain prefixes)
+BaseAnswers = Callable[[list[str], bool], list[str]]
+
+
+def base_generator(base: LoadedModel, probe: ProbeConfig) -> BaseAnswers:
+    """What a device runs to get the base model's texts in the place of the user's (no caching)."""
+    return lambda prompts, chat: generate(
+        base.model, base.tokenizer, prompts, probe.max_new_tokens, probe.batch_size, chat=chat
+    )
 
 
 def nonempty(texts: Sequence[str]) -> list[str]:
