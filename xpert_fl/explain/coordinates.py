@@ -27,6 +27,7 @@ class Explanation:
 
 
 def check_basis(basis: Basis, summarizer: Summarizer) -> None:
+    """A BasisError unless ``basis`` can hold ``summarizer``'s drifts (no other summarizer named, same dimension)."""
     if basis.summarizer and basis.summarizer != summarizer.fingerprint:
         raise BasisError(
             f"basis was built with summarizer {basis.summarizer}, not {summarizer.fingerprint}: "
