@@ -52,6 +52,9 @@ def harness_section(harness_dir: Path, out: Path) -> str:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path (tests)
     from selection_harness import command, markdown
     results = json.loads(path.read_text())
+    # runs at other similarities (their own pLLMs, their own work dir) live in similarity-*/ beside it
+    for other in sorted(harness_dir.glob("similarity-*/summary.json")):
+        results += json.loads(other.read_text())
     figure = os.path.relpath(harness_dir / "summary.png", out.parent)
     tuned = "; ".join(f"{what}: {', '.join(corpora)}" for what, corpora in results[0]["development_corpora"].items())
     return (title + "Every method through the product's selectors and run-config defaults, one user per disjoint set "
@@ -62,7 +65,10 @@ def harness_section(harness_dir: Path, out: Path) -> str:
             + markdown(results) + "\n\nPaper, real-world corpora at similarity 0.9 (Table 5; 8B summarizer): "
             "Llama-3.2-1B 96.7%, Qwen2-0.5B 92.4%, SmolLM-360M 92.8%.\n\n"
             "Commands: `python benchmarks/real_corpora.py`, then\n\n"
-            + "".join(f"- `{command(r)}`\n" for r in results) + f"\n![selection harness]({figure})\n")
+            + "".join(f"- `{command(r)}`\n" for r in results) + "\nEarlier default representations, kept for "
+            "comparison: the summarizer's own pooled states with 24 x 48 and 8 x 24 probes "
+            "(`selection_harness/llm-pools-24x48/`, `selection_harness/probes-8x24/`).\n"
+            + f"\n![selection harness]({figure})\n")
 
 
 def build(results_dir: Path, out: Path, harness_dir: Path) -> None:
