@@ -30,7 +30,6 @@ import json
 import math
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import matplotlib
@@ -41,6 +40,7 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from protocol.run_config import pyproject_defaults  # noqa: E402
 from simulations.experiments.bench import Workbench, slug  # noqa: E402
 from simulations.experiments.runner import Context, ExperimentConfig  # noqa: E402
 from xpert_fl.data.corpus import load_corpus  # noqa: E402
@@ -69,7 +69,7 @@ class HarnessError(ValueError):
 
 def run_config() -> dict:
     """The product's run-config defaults (pyproject.toml), the one source of the probe settings."""
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return pyproject_defaults(ROOT / "pyproject.toml")
 
 
 def check_capacity(corpus_dir: str, styles: list[str], users_per_style: int, samples: int, seed: int) -> None:

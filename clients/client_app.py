@@ -7,11 +7,13 @@ tokens, seconds), and after fine-tuning its new adapter with cost metrics. Its s
 embedding, its coordinates and any per-candidate score (a baseline's losses or cosines) never do.
 
 Which user a device is comes from ``node_config["partition-id"]`` (set per virtual node by the
-simulation, or ``--node-config "partition-id=3"`` on a real SuperNode); what data that user has
-comes from the run config (``user-styles``, ``user-samples``, ``test-fraction``, ``corpus``, ``seed``).
-The fine-tuning engine too: run-config key ``trainer`` = ``"torch"`` (PyTorch + PEFT) or ``"ort"``
-(ONNX Runtime training on the artifacts a phone runs, ``xpert_fl.device``; exported on first use and
-cached on disk, so the first ``ort`` round of a device pays minutes of export once).
+simulation, or ``--node-config "partition-id=3"`` on a real SuperNode); everything else it reads from
+the run config, through one dataclass (``clients.config.DeviceConfig``, no fallbacks): what data that
+user has (``user-styles``, ``user-samples``, ``test-fraction``, ``corpus``, ``seed``), its models, its
+threads, what it reports (``report-labels``, ``self-reports``) and its fine-tuning engine, ``trainer``
+= ``"torch"`` (PyTorch + PEFT) or ``"ort"`` (ONNX Runtime training on the artifacts a phone runs,
+``xpert_fl.device``; exported on first use and cached on disk, so the first ``ort`` round of a device
+pays minutes of export once). What the server decides for a round travels in its messages.
 
 torch/transformers are imported inside the handlers that need them: under the Deployment Engine each
 message starts a fresh ClientApp process, and registering (or selecting from an empty cache) should
@@ -22,46 +24,51 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 import protocol
 
+if TYPE_CHECKING:
+    from clients.config import DeviceConfig
+
 app = ClientApp()
 LOG = logging.getLogger("flwr.xpert.device")
 
 
-def _data(context: Context):
-    from clients.users import DataConfig, user_data
+def _config(context: Context) -> DeviceConfig:
+    """Every setting the device reads, from the run config (all keys present: Flower merged pyproject's)."""
+    from clients.config import DeviceConfig
+
+    return DeviceConfig.from_run_config(context.run_config)
+
+
+def _data(context: Context, cfg: DeviceConfig):
+    from clients.users import user_data
 
     try:
         partition = int(context.node_config["partition-id"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError("this SuperNode has no integer node_config 'partition-id' (which user it is)") from err
-    return user_data(partition, DataConfig.from_run_config(context.run_config))
+    return user_data(partition, cfg.data, cfg.common)
 
 
-def _models(context: Context):
+def _models(cfg: DeviceConfig):
     from clients import device
-    from xpert_fl.models import DEFAULT_SPEC
 
-    spec = str(context.run_config.get("model", DEFAULT_SPEC))
-    models = device.device_models(spec, str(context.run_config.get("summarizer", spec)))
-    device.set_threads(_threads(context))
+    models = device.device_models(cfg.common.model, cfg.common.summarizer)
+    device.set_threads(cfg.device.threads())
     return models
-
-
-def _threads(context: Context) -> int | None:
-    threads = int(context.run_config.get("device-threads", 1))
-    return threads if threads > 0 else None
 
 
 @app.query("register")
 def register(msg: Message, context: Context) -> Message:
     """Announce the device's opaque user id (and its evaluation label if the run reports labels)."""
-    data = _data(context)
-    label = data.label if bool(context.run_config.get("report-labels", True)) else None
+    cfg = _config(context)
+    data = _data(context, cfg)
+    label = data.label if cfg.reports.report_labels else None
     return Message(protocol.register_reply(data.user, label), reply_to=msg)
 
 
@@ -71,7 +78,8 @@ def select(msg: Message, context: Context) -> Message:
     basis -> nearest pLLM or merge, Eq. 1; or a baseline on its offer) -> the choice and its cost."""
     t0 = time.perf_counter()
     req = protocol.parse_select(msg.content)
-    data = _data(context)
+    cfg = _config(context)
+    data = _data(context, cfg)
     if not req.ids:  # an empty cache: start from the base model, no model needed to decide that
         from xpert_fl.select import Choice
 
@@ -79,8 +87,8 @@ def select(msg: Message, context: Context) -> Message:
     else:
         from clients.device import choose, set_threads
 
-        set_threads(_threads(context))  # also for methods that load no model (text-encoder)
-        selection = choose(data, req, lambda: _models(context))
+        set_threads(cfg.device.threads())  # also for methods that load no model (text-encoder)
+        selection = choose(data, req, lambda: _models(cfg))
         choice, cost = selection.choice, protocol.SelectionCost.of(selection)
     LOG.info("%s: %s %s %s among %s pLLM(s) in %.1fs (%s bytes, %s evaluations)", data.user, req.method,
              choice.kind, list(choice.ids), len(req.ids), time.perf_counter() - t0, cost.bytes_down, cost.evaluations)
@@ -89,24 +97,25 @@ def select(msg: Message, context: Context) -> Message:
 
 @app.train()
 def fit(msg: Message, context: Context) -> Message:
-    """Merge if asked, fine-tune the chosen start on the user's data, upload the new adapter."""
+    """Merge if asked, fine-tune the chosen start on the user's data, upload the new adapter (and, if
+    the run asks for self-reports, the embedding of the data it was trained on, with the run's probe
+    settings, as the server embeds)."""
     from clients.device import finetune_config, self_report, train, training_metrics
     from xpert_fl.device import get_trainer
-    from xpert_fl.explain import ProbeConfig
 
     t0 = time.perf_counter()
     req = protocol.parse_train_request(msg.content)
-    data = _data(context)
-    engine = str(context.run_config.get("trainer", "torch"))
+    cfg = _config(context)
+    data = _data(context, cfg)
+    engine = cfg.device.trainer
     trainer = get_trainer(engine)
-    models = _models(context)
-    config = finetune_config(req.finetune, _threads(context))
+    models = _models(cfg)
+    config = finetune_config(req.finetune, cfg.device.threads())
     result = train(models, data, req.choice, req.adapters, config, req.compare_scratch, trainer)
     report = {"start": result.start_kind, "stop_reason": result.result.stop_reason, "trainer": engine}
     drift = None
-    if bool(context.run_config.get("self-reports", True)):
-        probe = ProbeConfig(max_new_tokens=int(context.run_config.get("probe-max-new-tokens", 48)))
-        drift = self_report(models, data, probe)
+    if cfg.reports.self_reports:
+        drift = self_report(models, data, cfg.probe.config())
         report["summarizer"] = models.summarizer.fingerprint
     reply = protocol.upload_reply(result.result.adapter, training_metrics(result), report, drift)
     LOG.info("%s: fine-tuned (%s) from %s, %s steps, %.1fs in all", data.user, engine, result.start_kind,

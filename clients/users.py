@@ -9,10 +9,10 @@ Its evaluation label (simulation ground truth, never used by selection) is the s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
+from protocol.run_config import Common, Section
 from xpert_fl.data import load_corpus, split_roles, train_test_split, user_samples
 from xpert_fl.data.corpus import Sample
 
@@ -54,22 +54,13 @@ class UserData:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    corpus: str = "builtin"
-    user_styles: str = "elementary;expert;poetic"
-    user_samples: int = 12
-    test_fraction: float = 0.25
-    seed: int = 0
+class DataConfig(Section):
+    """Which data each user has: run-config keys ``user-styles``, ``user-samples``, ``test-fraction``
+    (with ``Common``'s ``corpus`` and ``seed``); a section of ``clients.config.DeviceConfig``."""
 
-    @classmethod
-    def from_run_config(cls, run_config: Mapping) -> DataConfig:
-        return cls(
-            corpus=str(run_config.get("corpus", cls.corpus)),
-            user_styles=str(run_config.get("user-styles", cls.user_styles)),
-            user_samples=int(run_config.get("user-samples", cls.user_samples)),
-            test_fraction=float(run_config.get("test-fraction", cls.test_fraction)),
-            seed=int(run_config.get("seed", cls.seed)),
-        )
+    user_styles: str
+    user_samples: int
+    test_fraction: float
 
 
 @lru_cache(maxsize=4)
@@ -77,15 +68,17 @@ def _user_role(corpus: str, seed: int):
     return split_roles(load_corpus(corpus), seed=seed)["user"]
 
 
-def user_data(partition_id: int, cfg: DataConfig) -> UserData:
-    """The personal data of the user with this partition id (deterministic from the seed)."""
+def user_data(partition_id: int, cfg: DataConfig, common: Common) -> UserData:
+    """The personal data of the user with this partition id (deterministic from ``common.seed``), from
+    the user role of ``common.corpus``."""
     if partition_id < 0:
         raise ValueError(f"partition-id must be >= 0, got {partition_id}")
     specs = parse_user_styles(cfg.user_styles)
     mixture = specs[partition_id % len(specs)]
     index = partition_id // len(specs)
-    samples = user_samples(_user_role(cfg.corpus, cfg.seed), mixture, cfg.user_samples, user_index=index, seed=cfg.seed)
-    train, test = train_test_split(samples, cfg.test_fraction, seed=cfg.seed + partition_id)
+    seed = common.seed
+    samples = user_samples(_user_role(common.corpus, seed), mixture, cfg.user_samples, user_index=index, seed=seed)
+    train, test = train_test_split(samples, cfg.test_fraction, seed=seed + partition_id)
     if not train or not test:
         raise ValueError(f"user {partition_id}: {len(samples)} samples give no train/test split; raise user-samples")
     label = max(mixture, key=lambda s: (mixture[s], s))

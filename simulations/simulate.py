@@ -18,10 +18,10 @@ from __future__ import annotations
 import gc
 import shutil
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from protocol.run_config import pyproject_defaults
 from simulations.launch import FlowerProcesses, repo_root
 from strategies.results import PLOTS, read_rounds, round_lines, user_round_table
 from xpert_fl.data import load_corpus
@@ -38,7 +38,7 @@ DEMO_RUN_CONFIG = {  # only what the demo sets differently from pyproject's run 
 
 def app_run_config() -> dict:
     """The Flower app's run config in pyproject.toml: the product's defaults, one place for each."""
-    return tomllib.loads((repo_root() / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return pyproject_defaults(repo_root() / "pyproject.toml")
 
 
 @dataclass

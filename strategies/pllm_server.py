@@ -14,11 +14,11 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from strategies.config import XPerTConfig
 from xpert_fl.adapters import Adapter
 from xpert_fl.basis import Basis
 from xpert_fl.cache import BaseInfo, CacheEntry, PLLMCache
@@ -27,7 +27,6 @@ from xpert_fl.data.corpus import StyleCorpus
 from xpert_fl.explain import (
     SELF_REPORT_MIN_COSINE,
     Explainer,
-    ProbeConfig,
     calibrate_users,
     explain_cache,
     human_references,
@@ -71,41 +70,30 @@ class PLLMServer:
         self.text_encoder = text_encoder
 
     @classmethod
-    def open(
-        cls,
-        cache_dir: str | Path,
-        model: str,
-        summarizer: str,
-        *,
-        corpus: str = "builtin",
-        num_probe_prompts: int = 50,
-        probe: ProbeConfig | None = None,
-        tau_orth: float = 0.1,
-        tau_res: float = 0.2,
-        orthogonalize: bool = True,
-        complete_basis: bool = True,
-        max_candidates: int = 64,
-        human_weight: float = 1.0,
-        seed: int = 0,
-    ) -> PLLMServer:
+    def open(cls, config: XPerTConfig) -> PLLMServer:
         """Load the models (once), open or create the cache and its basis, explain what is unexplained.
 
-        Probe prompts come from the corpus's *test* role, disjoint from every user's data, topped up
-        from the built-in probe set when more are asked for (``probe.probe_prompts``).
-        ``max_candidates``: candidate words Algorithm 1 may examine per pLLM (each costs one forward).
-        ``human_weight``: the share of the users' reference devices remove (``Basis.human_weight``), the
-        reference measured on the test role's neutral human texts.
+        Everything it needs comes from the run's config (no defaults of its own, so a run and a test
+        opening a server agree with pyproject.toml). The cache is ``config.storage.cache_path()``. Probe
+        prompts come from the corpus's *test* role, disjoint from every user's data, topped up from the
+        built-in probe set when more are asked for (``probe.probe_prompts``). ``max-candidates``:
+        candidate words Algorithm 1 may examine per pLLM (each costs one forward). ``human-weight``: the
+        share of the users' reference devices remove (``Basis.human_weight``), the reference measured on
+        the test role's neutral human texts. An existing basis must have been grown with the run's basis
+        settings (``open_basis`` refuses others).
         """
-        base = load_model(model)
-        summ_model = base if summarizer == model else load_model(summarizer)
-        summ = Summarizer(summ_model, SummarizerConfig(n_candidates=max_candidates))
-        cache = PLLMCache(cache_dir, BaseInfo.from_loaded(base))
-        basis = open_basis(cache.root, summ, tau_orth, tau_res, orthogonalize, complete_basis)
-        test = split_roles(load_corpus(corpus), seed=seed)["test"]
-        probes = probe_set(num_probe_prompts, test, seed=seed)
-        server = cls(cache, basis, Explainer(base, summ, probes.prompts, probe or ProbeConfig(), chat=probes.chat))
-        calibrate_users(basis, server.explainer, human_references(test, probes.prompts), human_weight)
-        server.explain_pending(load_corpus(corpus))
+        common, b = config.common, config.basis
+        base = load_model(common.model)
+        summ_model = base if common.summarizer == common.model else load_model(common.summarizer)
+        summ = Summarizer(summ_model, SummarizerConfig(n_candidates=b.max_candidates))
+        cache = PLLMCache(config.storage.cache_path(), BaseInfo.from_loaded(base))
+        basis = open_basis(cache.root, summ, b.tau_orth, b.tau_res, b.orthogonalize, b.complete_basis)
+        corpus = load_corpus(common.corpus)
+        test = split_roles(corpus, seed=common.seed)["test"]
+        probes = probe_set(config.probe.num_probe_prompts, test, seed=common.seed)
+        server = cls(cache, basis, Explainer(base, summ, probes.prompts, config.probe.config(), chat=probes.chat))
+        calibrate_users(basis, server.explainer, human_references(test, probes.prompts), config.select.human_weight)
+        server.explain_pending(corpus)
         return server
 
     # --- what devices see ------------------------------------------------------------------------

@@ -25,7 +25,6 @@ so a run is reproducible from its seed even though Flower's node ids are random.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import re
 import time
@@ -36,106 +35,15 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 import protocol
+from strategies.config import XPerTConfig
 from strategies.pllm_server import PLLMServer
 from xpert_fl.adapters import AdapterError
 from xpert_fl.baselines import SELECTORS
 from xpert_fl.baselines.core import ADAPTERS, EMBEDDINGS, LABELS, selection_seed
-from xpert_fl.basis import parse_human_weight
 from xpert_fl.cache import CacheError
-from xpert_fl.select import Choice, check_distance
+from xpert_fl.select import Choice
 
 LOG = logging.getLogger("flwr.xpert")
-TRIAL_METHODS = ("bo", "hyperband")  # the methods with a budget of evaluated pLLMs (selection-trials)
-
-
-# --- configuration ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class XPerTConfig:
-    """Every knob of a run; ``from_run_config`` reads the Flower run config (pyproject defaults +
-    ``--run-config`` overrides). Field ``foo_bar`` is run-config key ``foo-bar``."""
-
-    num_server_rounds: int = 2
-    users_per_round: int = 0  # 0: every registered user, every round
-    min_nodes: int = 2  # wait for this many connected nodes before the first round
-    timeout: float = 1800.0  # seconds to wait for the replies of one phase
-    seed: int = 0
-    server_threads: int = 1  # torch threads of the server process (0: torch's default, all cores)
-    model: str = "smollm2-135m-instruct"
-    summarizer: str = "smollm2-135m-instruct"
-    corpus: str = "builtin"
-    cache_dir: str = ""  # "": <results-dir>/cache
-    results_dir: str = "results/flower"
-    num_probe_prompts: int = 24
-    probe_max_new_tokens: int = 48
-    probe_batch_size: int = 8
-    tau_orth: float = 0.1
-    tau_res: float = 0.2
-    orthogonalize: bool = True
-    complete_basis: bool = True  # residual completion when candidate words run out (basis.py)
-    max_candidates: int = 16  # candidate words examined per pLLM at most (each costs one forward)
-    merge_delta: float = math.inf  # selection distance above which a merge is tried; inf: never merge
-    distance: str = "drift"  # selection distance: "drift" (between explained drifts) | "l1" (paper's Eq. 1)
-    human_weight: float = 1.0  # share of the users' reference (neutral human texts' embedding) devices remove
-    # devices upload one embedding of their training data (never text); trusted when it agrees with the probe
-    self_reports: bool = True
-    self_report_min_cosine: float = 0.3  # the report's cosine with the pLLM's probe answers' embedding, at least
-    max_parents: int = 3
-    selection: str = "xpert"  # selection method: a name of xpert_fl.baselines.SELECTORS
-    selection_trials: int = 0  # bo / hyperband: pLLMs evaluated at most (0: bo half of them, hyperband all)
-    max_steps: int = 12
-    lr: float = 3e-3
-    rank: int = 8
-    alpha: float = 16.0
-    batch_size: int = 2
-    max_seq_len: int = 128
-    eval_every: int = 2
-    patience: int = 3
-    target_loss: float = 0.0  # > 0: stop at this held-out loss; ignored when compare-scratch sets one
-    compare_scratch: bool = True  # devices also fine-tune from the base model to measure savings
-
-    @classmethod
-    def from_run_config(cls, run_config: Mapping) -> XPerTConfig:
-        values = {}
-        for name, f in cls.__dataclass_fields__.items():
-            key = name.replace("_", "-")
-            if key not in run_config:
-                continue
-            kind = type(f.default)
-            raw = run_config[key]
-            try:
-                values[name] = bool(raw) if kind is bool else kind(raw)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"run config {key} = {raw!r} is not a {kind.__name__}") from err
-        cfg = cls(**values)
-        if cfg.num_server_rounds < 1 or cfg.users_per_round < 0 or cfg.min_nodes < 1:
-            raise ValueError("num-server-rounds and min-nodes must be >= 1, users-per-round >= 0")
-        if not 1 <= cfg.max_parents <= protocol.MAX_PARENTS:  # devices refuse a select request beyond it
-            raise ValueError(f"max-parents must be in [1, {protocol.MAX_PARENTS}], got {cfg.max_parents}")
-        if not -1.0 <= cfg.self_report_min_cosine <= 1.0:
-            raise ValueError(f"self-report-min-cosine is a cosine in [-1, 1], got {cfg.self_report_min_cosine}")
-        parse_human_weight(cfg.human_weight)
-        if not cfg.merge_delta >= 0:
-            raise ValueError(f"merge-delta must be >= 0 (inf: never merge), got {cfg.merge_delta}")
-        check_distance(cfg.distance)
-        if cfg.selection not in SELECTORS:
-            raise ValueError(f"selection must be one of {sorted(SELECTORS)}, got {cfg.selection!r}")
-        if cfg.selection_trials < 0 or (cfg.selection_trials and cfg.selection not in TRIAL_METHODS):
-            raise ValueError(f"selection-trials (>= 0) applies to {' and '.join(TRIAL_METHODS)} only")
-        if cfg.selection == "oracle" and not bool(run_config.get("report-labels", True)):
-            raise ValueError("selection 'oracle' reads the style labels devices report: set report-labels = true")
-        return cfg
-
-    def finetune_fields(self) -> dict:
-        """The fine-tuning budget sent to devices (FinetuneConfig field names)."""
-        return {
-            "max_steps": self.max_steps, "lr": self.lr, "rank": self.rank, "alpha": self.alpha,
-            "batch_size": self.batch_size, "eval_batch_size": max(self.batch_size, 4),
-            "max_seq_len": self.max_seq_len, "eval_every": self.eval_every, "patience": self.patience,
-            "target_loss": self.target_loss if self.target_loss > 0 else None, "seed": self.seed,
-        }
-
-    def probe_fields(self) -> dict:
-        return {"max_new_tokens": self.probe_max_new_tokens, "batch_size": self.probe_batch_size}
 
 
 # --- what happened to one user in one round (one JSONL line) ---------------------------------------
@@ -245,9 +153,9 @@ class XPerTStrategy:
         LOG.info(
             "XPerTStrategy: %s round(s), %s user(s)/round, selection %s, delta=%s, probe %s prompts x %s tokens, "
             "fine-tuning <= %s steps; cache %s (%s pLLMs, basis %s words)",
-            c.num_server_rounds, c.users_per_round or "all", c.selection, c.merge_delta, c.num_probe_prompts,
-            c.probe_max_new_tokens, c.max_steps, self.server.cache.root, len(self.server.cache),
-            self.server.basis.size,
+            c.rounds.num_server_rounds, c.rounds.users_per_round or "all", c.select.selection, c.select.merge_delta,
+            c.probe.num_probe_prompts, c.probe.probe_max_new_tokens, c.budget.max_steps, self.server.cache.root,
+            len(self.server.cache), self.server.basis.size,
         )
 
     # --- registration ----------------------------------------------------------------------------
@@ -287,14 +195,14 @@ class XPerTStrategy:
     def arrival_order(self) -> list[int]:
         """Registered nodes in a seeded permutation of their user ids (reproducible across runs)."""
         nodes = sorted(self.users, key=lambda n: (_natural(self.users[n][0]), n))
-        random.Random(self.config.seed).shuffle(nodes)
+        random.Random(self.config.common.seed).shuffle(nodes)
         return nodes
 
     def sample(self, server_round: int, node_ids: Iterable[int]) -> list[int]:
         """The users arriving in ``server_round``: the next window of the arrival order (cyclic)."""
         online = set(node_ids)
         order = [n for n in self.arrival_order() if n in online]
-        k = self.config.users_per_round
+        k = self.config.rounds.users_per_round
         if not order or k == 0 or k >= len(order):
             return order
         start = ((server_round - 1) * k) % len(order)
@@ -309,7 +217,7 @@ class XPerTStrategy:
         self._offer = (ids, coords)
         self._labels = {i: self.server.label(i) for i in ids}
         self._current, self._pending = {}, {}
-        method = self.config.selection
+        method = self.config.select.selection
         try:
             req = self._request(ids, coords)
             error = None
@@ -338,11 +246,12 @@ class XPerTStrategy:
         selector ``receives``: every offered adapter (so the message really is the download of every
         pLLM, as the paper's Table 7 charges it), the text embeddings, the labels, or bare ids."""
         c = self.config
-        if c.selection == "xpert":
+        s = c.select
+        if s.selection == "xpert":
             return protocol.SelectRequest(
-                self.server.basis, tuple(ids), coords, c.merge_delta, c.max_parents, c.probe_fields(), c.distance
+                self.server.basis, tuple(ids), coords, s.merge_delta, s.max_parents, c.probe.probe_fields(), s.distance
             )
-        receives = SELECTORS[c.selection].receives
+        receives = SELECTORS[s.selection].receives
         parts: dict = {}
         if receives == ADAPTERS:
             parts["adapters"] = tuple(self.server.adapter(i) for i in ids)
@@ -352,7 +261,7 @@ class XPerTStrategy:
             parts["labels"] = tuple(self._labels[i] for i in ids)
         ft = c.finetune_fields()
         return protocol.OfferRequest(
-            c.selection, tuple(ids), trials=c.selection_trials or None, max_seq_len=ft["max_seq_len"],
+            s.selection, tuple(ids), trials=s.selection_trials or None, max_seq_len=ft["max_seq_len"],
             eval_batch_size=ft["eval_batch_size"], **parts,
         )
 
@@ -364,7 +273,7 @@ class XPerTStrategy:
         if isinstance(req, protocol.SelectRequest):
             return protocol.select_request(req)
         user_label = label if SELECTORS[req.method].receives == LABELS else None
-        seed = selection_seed(self.config.seed, server_round, user)
+        seed = selection_seed(self.config.common.seed, server_round, user)
         return protocol.offer_request(replace(req, seed=seed, user_label=user_label))
 
     def aggregate_select(self, server_round: int, replies: Iterable[Message]) -> dict[int, Choice]:
@@ -389,8 +298,8 @@ class XPerTStrategy:
                 unknown = [i for i in choice.ids if i not in offered]
                 if unknown:
                     raise protocol.ProtocolError(f"chose pLLM(s) that were not offered: {unknown}")
-                if len(choice.ids) > self.config.max_parents:
-                    raise protocol.ProtocolError(f"{len(choice.ids)} parents > max-parents {self.config.max_parents}")
+                if len(choice.ids) > (top := self.config.select.max_parents):
+                    raise protocol.ProtocolError(f"{len(choice.ids)} parents > max-parents {top}")
             except protocol.ProtocolError as err:
                 rec.fail("select-invalid", str(err))
                 continue
@@ -428,7 +337,7 @@ class XPerTStrategy:
                 rec.fail("train-unavailable", str(err))
                 continue
             content = protocol.train_request(
-                choice, adapters, self.config.finetune_fields(), self.config.compare_scratch
+                choice, adapters, self.config.finetune_fields(), self.config.budget.compare_scratch
             )
             msg = Message(content, dst_node_id=node, message_type=protocol.TRAIN, group_id=str(server_round))
             rec.bytes[protocol.ADAPTER_DOWN] = protocol.message_bytes(msg)
@@ -455,7 +364,8 @@ class XPerTStrategy:
                 rec.finetune, rec.trainer = upload.metrics, upload.report.get("trainer")
                 metrics = {"round": server_round, "user": rec.user, "start": rec.choice, **upload.metrics}
                 report = (upload.self_report, upload.report["summarizer"]) if upload.self_report is not None else None
-                trust = self.config.self_report_min_cosine if self.config.self_reports else None
+                reports = self.config.reports
+                trust = reports.self_report_min_cosine if reports.self_reports else None
                 done = self.server.ingest(upload.adapter, rec.chosen, metrics, rec.label, report, trust)
             except protocol.ProtocolError as err:
                 rec.fail("upload-invalid", str(err))
@@ -493,16 +403,16 @@ class XPerTStrategy:
     # --- wiring to Flower ------------------------------------------------------------------------
     def wait_for_nodes(self, grid: Grid, timeout: float) -> list[int]:
         deadline = time.monotonic() + timeout
-        while len(nodes := list(grid.get_node_ids())) < self.config.min_nodes:
+        while len(nodes := list(grid.get_node_ids())) < self.config.rounds.min_nodes:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(nodes)} of min-nodes={self.config.min_nodes} nodes connected")
+                raise TimeoutError(f"only {len(nodes)} of min-nodes={self.config.rounds.min_nodes} nodes connected")
             time.sleep(0.5)
         return nodes
 
     def start(self, grid: Grid, num_rounds: int | None = None, timeout: float | None = None) -> list[RoundResult]:
         """Run the rounds: register new nodes, sample, select, train, cache. Returns the history."""
-        num_rounds = num_rounds or self.config.num_server_rounds
-        timeout = self.config.timeout if timeout is None else timeout
+        num_rounds = num_rounds or self.config.rounds.num_server_rounds
+        timeout = self.config.rounds.timeout if timeout is None else timeout
         self.summary()
         self.wait_for_nodes(grid, timeout)
         for r in range(1, num_rounds + 1):

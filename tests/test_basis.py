@@ -329,6 +329,25 @@ def test_load_rejects_other_summarizer_and_corrupt_files(tmp_path):
         Basis.load(tmp_path / "missing.safetensors")
 
 
+def test_open_basis_refuses_other_growth_settings_naming_both_values(tmp_path):
+    """A cache's basis was grown under its own thresholds (its words and coordinates embody them): reopened
+    under others it is a BasisError naming both values, not silently the old basis."""
+    from types import SimpleNamespace
+
+    from xpert_fl.explain import BASIS_FILE, open_basis
+
+    summarizer = SimpleNamespace(fingerprint="s", dim=D)
+    saved = Basis(dim=D, tau_orth=0.1, tau_res=0.2, summarizer="s", orthogonalize=True, complete=True)
+    saved.save(tmp_path / BASIS_FILE)
+    assert open_basis(tmp_path, summarizer, 0.1, 0.2, True, True).tau_res == 0.2  # its own settings: reopened
+    with pytest.raises(BasisError, match=r"tau_res 0\.2 \(asked: 0\.3\)"):
+        open_basis(tmp_path, summarizer, 0.1, 0.3, True, True)
+    with pytest.raises(BasisError, match=r"tau_orth 0\.1 \(asked: 0\.25\), orthogonalize True \(asked: False\)"):
+        open_basis(tmp_path, summarizer, 0.25, 0.2, False, True)
+    with pytest.raises(BasisError, match=r"complete True \(asked: False\)"):
+        open_basis(tmp_path, summarizer, 0.1, 0.2, True, False)
+
+
 def test_load_rejects_inconsistent_metadata(tmp_path):
     import json
 

@@ -13,13 +13,17 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from run_configs import run_config
 
 import protocol
 from clients import client_app, device
+from clients.config import DeviceConfig
 from clients.device import device_models
-from clients.users import DataConfig, parse_user_styles, user_data
+from clients.users import DataConfig, UserData, parse_user_styles, user_data
+from protocol.run_config import Common, RunConfigError
+from strategies.config import XPerTConfig
 from strategies.pllm_server import PLLMServer
-from strategies.xpert import XPerTConfig, XPerTStrategy
+from strategies.xpert import XPerTStrategy
 from xpert_fl.adapters import Adapter
 from xpert_fl.baselines import SELECTORS, SelectionTask, make_selector
 from xpert_fl.cache import BaseInfo, PLLMCache
@@ -32,13 +36,18 @@ from xpert_fl.summarizer import Summarizer, SummarizerConfig
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity", "one_thread")
 
-RUN_CONFIG = {
-    "model": DEFAULT_SPEC, "summarizer": DEFAULT_SPEC, "corpus": "builtin", "user-styles": "sarcastic;poetic",
-    "user-samples": 4, "test-fraction": 0.25, "seed": 0, "device-threads": 1, "num-server-rounds": 1,
-    "min-nodes": 1, "num-probe-prompts": 4, "probe-max-new-tokens": 16, "probe-batch-size": 4, "max-steps": 2,
-    "eval-every": 1, "patience": 2, "batch-size": 2, "max-seq-len": 96, "rank": 2, "compare-scratch": True,
-}
+RUN_CONFIG = run_config({
+    "model": DEFAULT_SPEC, "summarizer": DEFAULT_SPEC, "user-styles": "sarcastic;poetic", "user-samples": 4,
+    "num-server-rounds": 1, "min-nodes": 1, "num-probe-prompts": 4, "probe-max-new-tokens": 16, "probe-batch-size": 4,
+    "max-steps": 2, "eval-every": 1, "patience": 2, "max-seq-len": 96, "rank": 2, "compare-scratch": True,
+})
 PROBE = ProbeConfig(max_new_tokens=16, batch_size=4)
+
+
+def _user_0() -> UserData:
+    """The data of the round's device (partition 0), as its ClientApp reads it from the run config."""
+    cfg = DeviceConfig.from_run_config(RUN_CONFIG)
+    return user_data(0, cfg.data, cfg.common)
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +83,11 @@ def test_user_specs_and_partitions_are_deterministic_and_disjoint():
     assert parse_user_styles("sarcastic; poetic:0.7,expert:0.3") == [{"sarcastic": 1.0}, {"poetic": 0.7, "expert": 0.3}]
     with pytest.raises(ValueError):
         parse_user_styles(" ; ")
-    cfg = DataConfig(user_styles="sarcastic;poetic:0.75,expert:0.25", user_samples=8)
-    users = [user_data(p, cfg) for p in range(4)]
+    cfg, common = DataConfig(user_styles="sarcastic;poetic:0.75,expert:0.25", user_samples=8, test_fraction=0.25), \
+        Common(DEFAULT_SPEC, DEFAULT_SPEC, "builtin", 0)
+    users = [user_data(p, cfg, common) for p in range(4)]
     assert [u.label for u in users] == ["sarcastic", "poetic", "sarcastic", "poetic"]
-    assert user_data(2, cfg) == users[2]  # deterministic
+    assert user_data(2, cfg, common) == users[2]  # deterministic
     a, b = ({(s.prompt, s.response) for s in u.train + u.test} for u in (users[0], users[2]))
     assert len(a) == len(b) == 8 and not a & b  # same spec: disjoint samples
 
@@ -126,11 +136,29 @@ def test_handler_errors_surface_as_exceptions(round_trip):
         client_app.fit(round_trip["select_msg"], round_trip["context"])
 
 
+def test_the_device_reads_every_setting_from_the_run_config_without_fallbacks(round_trip):
+    """The ClientApp reads the run config through DeviceConfig only: a missing key or a value of another
+    type (the string "false" for a boolean) is an error naming the key, never a default or ``bool("false")``."""
+    reg = round_trip["strategy"].configure_register([8])[0]
+
+    def register(rc: dict) -> Message:
+        return client_app.register(reg, Context(run_id=1, node_id=8, node_config={"partition-id": 1},
+                                                state=RecordDict(), run_config=rc))
+
+    assert protocol.parse_register(register(RUN_CONFIG).content) == ("user-1", "poetic")
+    assert protocol.parse_register(register(run_config(RUN_CONFIG, report_labels=False)).content) == ("user-1", None)
+    with pytest.raises(RunConfigError, match="run config report-labels = 'false' is not a bool"):
+        register(run_config(RUN_CONFIG, report_labels="false"))
+    for key in ("report-labels", "trainer", "device-threads", "self-reports", "probe-max-new-tokens"):
+        with pytest.raises(RunConfigError, match=f"no key '{key}'"):
+            register({k: v for k, v in RUN_CONFIG.items() if k != key})
+
+
 def test_the_self_report_is_the_embedding_of_the_training_data_and_a_run_config_key_turns_it_off(base, round_trip):
     """By default the upload carries exactly one embedding, of the data the adapter was trained on (the
     vector the device's selection came from), named by its summarizer; ``self-reports = false`` sends
     none, and then no embedding of any kind leaves the device."""
-    data = user_data(0, DataConfig.from_run_config(RUN_CONFIG))
+    data = _user_0()
     want = user_drift(base, round_trip["summarizer"], data.train, PROBE).vector
     upload = protocol.parse_upload(round_trip["sent"]["train"].content)
     np.testing.assert_allclose(upload.self_report, want, rtol=1e-5, atol=1e-6)
@@ -138,7 +166,7 @@ def test_the_self_report_is_the_embedding_of_the_training_data_and_a_run_config_
     # the server's side (trust only what agrees with its probe) is tested in test_strategy
     ctx = round_trip["context"]
     off = Context(run_id=1, node_id=7, node_config=ctx.node_config, state=RecordDict(),
-                  run_config={**RUN_CONFIG, "self-reports": False})
+                  run_config=run_config(RUN_CONFIG, self_reports=False))
     (train,) = [m for m in round_trip["strategy"].configure_train(1, round_trip["choices"])]
     reply = client_app.fit(train, off)
     assert protocol.parse_upload(reply.content).self_report is None
@@ -154,7 +182,7 @@ def _payload(msg: Message) -> bytes:
 
 
 def test_audit_no_personal_text_or_embedding_leaves_the_device(base, round_trip):
-    data = user_data(0, DataConfig.from_run_config(RUN_CONFIG))
+    data = _user_0()
     payloads = {name: _payload(msg) for name, msg in round_trip["sent"].items()}
     assert set(payloads) == {"register", "select", "train"}  # every message the device sent
     blob = b"\x00".join(payloads.values())
@@ -218,7 +246,8 @@ def test_start_adapter_merges_validates_or_starts_from_base(base, random_pllm):
 # --- baseline selection methods through the same handler --------------------------------------------
 def _select_with(method: str, round_trip) -> tuple[Message, Message, object]:
     """One select exchange of a strategy with ``selection=method`` over the round's cache (2 pLLMs)."""
-    strategy = XPerTStrategy(XPerTConfig.from_run_config({**RUN_CONFIG, "selection": method}), round_trip["server"])
+    config = XPerTConfig.from_run_config(run_config(RUN_CONFIG, selection=method))
+    strategy = XPerTStrategy(config, round_trip["server"])
     context = round_trip["context"]
     (reg,) = strategy.configure_register([7])
     strategy.aggregate_register([client_app.register(reg, context)])
@@ -263,7 +292,7 @@ def test_each_baseline_chooses_on_the_device_and_reports_its_cost(round_trip, me
 def test_the_device_runs_the_offline_selector(base, round_trip):
     """Exhaustive search in the Flower handler = the offline experiments' selector on the server's cache."""
     _, reply, rec = _select_with("exhaustive", round_trip)
-    data = user_data(0, DataConfig.from_run_config(RUN_CONFIG))
+    data = _user_0()
     config = FinetuneConfig(max_seq_len=RUN_CONFIG["max-seq-len"], eval_batch_size=4)
     offline = make_selector("exhaustive").select(SelectionTask(base, round_trip["server"].cache, data.train,
                                                                config=config, sizes=protocol.MessageSizes()))

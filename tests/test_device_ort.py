@@ -19,6 +19,7 @@ import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 from peft import LoraConfig, get_peft_model
+from run_configs import run_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import protocol
@@ -233,12 +234,9 @@ def tiny_checkpoint(tiny, tmp_path_factory):
 @pytest.mark.usefixtures("flower_task_identity")
 def test_client_app_fit_with_ort_trainer(tiny, tiny_checkpoint, cache, monkeypatch):
     monkeypatch.setenv("XPERT_CACHE_DIR", str(cache.parent / "xpert-cache"))
-    run_config = {
-        "model": str(tiny_checkpoint), "summarizer": str(tiny_checkpoint), "corpus": "builtin",
-        "user-styles": "sarcastic", "user-samples": 4, "test-fraction": 0.25, "seed": 0, "device-threads": 1,
-        "trainer": "ort",
-    }
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config)
+    config = run_config(model=str(tiny_checkpoint), summarizer=str(tiny_checkpoint), user_styles="sarcastic",
+                        user_samples=4, trainer="ort")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=config)
     budget = {"max_steps": 2, "lr": 3e-2, "rank": 2, "alpha": 4.0, "batch_size": 2, "eval_batch_size": 2,
               "max_seq_len": 64, "eval_every": 1, "patience": 2, "target_loss": None, "seed": 0}
     start = random_adapter(tiny, 3, targets=("q_proj", "k_proj", "v_proj", "o_proj"))

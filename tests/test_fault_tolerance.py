@@ -13,7 +13,8 @@ starts from a one-pLLM cache, explained before the run, so "as they were" is not
 select with the ``random`` baseline (an id pick, no model), so fine-tuning is the only device work.
 
 ``run_simulation`` runs the ServerApp in this process and takes no run config, so both apps are thin
-wrappers that hand the real ``main`` and handlers the run config `flwr run` would have given them.
+wrappers that hand the real ``main`` and handlers the run config `flwr run` would have given them
+(pyproject's with the test's overrides: ``run_configs.run_config``).
 Budgets are test_flower_runs.TINY's. The phase timeout is the price of the silent device (the server
 waits it out) and applies to every phase, so it must outlast the healthy devices' slowest one: on a
 2-core CPU with one other job, registering (the Ray actors' start-up) took ~40 s and fine-tuning ~30 s,
@@ -34,47 +35,48 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 from flwr.supercore import telemetry
+from run_configs import run_config
 from safetensors.numpy import load_file
 from test_flower_runs import TINY
 
 import protocol
 from clients import client_app
 from strategies import server_app
+from strategies.config import XPerTConfig
 from strategies.pllm_server import PLLMServer
 from strategies.results import read_rounds
 from xpert_fl.basis import TENSOR_KEY, Basis
 from xpert_fl.cache import BaseInfo, PLLMCache
-from xpert_fl.explain import BASIS_FILE, DRIFTS_FILE, ProbeConfig
-from xpert_fl.models import DEFAULT_SPEC
+from xpert_fl.explain import BASIS_FILE, DRIFTS_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread", "flower_task_identity")
 
 STATUS = {"raise": "train-error", "timeout": "train-timeout", "garbage": "upload-invalid"}
 
 
-def _configured(context: Context, run_config: dict) -> Context:
-    return Context(context.run_id, context.node_id, context.node_config, context.state, dict(run_config))
+def _configured(context: Context, config: dict) -> Context:
+    return Context(context.run_id, context.node_id, context.node_config, context.state, dict(config))
 
 
-def apps(run_config: dict, faults: dict[int, str], uploads: Path) -> tuple[ServerApp, ClientApp]:
-    """The project's ServerApp and ClientApp behind wrappers that supply ``run_config``; the devices of
+def apps(config: dict, faults: dict[int, str], uploads: Path) -> tuple[ServerApp, ClientApp]:
+    """The project's ServerApp and ClientApp behind wrappers that supply the run config ``config``; the devices of
     partition ids in ``faults`` fail in ``train`` as their kind says; those that fine-tuned write the
     content hash of their (late or garbled) adapter to ``uploads/user-<partition id>``. Local functions:
     Ray pickles them by value into its actors, with this configuration."""
-    timeout = float(run_config["timeout"])
+    timeout = float(config["timeout"])
     server, devices = ServerApp(), ClientApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        server_app.main(grid, _configured(context, run_config))
+        server_app.main(grid, _configured(context, config))
 
     @devices.query("register")
     def register(msg: Message, context: Context) -> Message:
-        return client_app.register(msg, _configured(context, run_config))
+        return client_app.register(msg, _configured(context, config))
 
     @devices.query("select")
     def select(msg: Message, context: Context) -> Message:
-        return client_app.select(msg, _configured(context, run_config))
+        return client_app.select(msg, _configured(context, config))
 
     @devices.train()
     def fit(msg: Message, context: Context) -> Message:
@@ -83,7 +85,7 @@ def apps(run_config: dict, faults: dict[int, str], uploads: Path) -> tuple[Serve
         t0 = time.monotonic()  # the server's deadline started before this handler did
         if fault == "raise":
             raise RuntimeError("injected fault: the device crashed")
-        reply = client_app.fit(msg, _configured(context, run_config))
+        reply = client_app.fit(msg, _configured(context, config))
         if fault == "timeout":  # a valid upload, held back until the deadline has passed
             time.sleep(max(0.0, timeout + 5.0 - (time.monotonic() - t0)))
         if fault is not None:  # a real upload: which adapter it was, for the test to look for in the cache
@@ -104,8 +106,7 @@ def starting_cache(cache_dir, base, random_pllm) -> dict:
     """A cache with one explained pLLM (basis and drifts written), and what a round may only add to:
     its entries (parents, label, metrics), drifts, basis vectors and words."""
     PLLMCache(cache_dir, BaseInfo.from_loaded(base)).add(random_pllm(0), label="sarcastic")
-    server = PLLMServer.open(cache_dir, DEFAULT_SPEC, DEFAULT_SPEC, num_probe_prompts=TINY["num-probe-prompts"],
-                             probe=ProbeConfig(TINY["probe-max-new-tokens"], TINY["probe-batch-size"]))
+    server = PLLMServer.open(XPerTConfig.from_run_config(run_config(TINY, cache_dir=str(cache_dir))))
     return state(server.cache)
 
 
@@ -123,8 +124,8 @@ def faulty_round(tmp_path, monkeypatch, base, random_pllm, num_nodes: int, fault
     the round recorded and that the cache changed by the healthy uploads only."""
     cache_dir, results = tmp_path / "cache", tmp_path / "results"
     before = starting_cache(cache_dir, base, random_pllm)
-    run_config = {**TINY, "min-nodes": num_nodes, "timeout": timeout, "selection": "random",
-                  "results-dir": str(results), "cache-dir": str(cache_dir)}
+    config = run_config(TINY, min_nodes=num_nodes, timeout=timeout, selection="random", results_dir=str(results),
+                        cache_dir=str(cache_dir))
     # the Ray backend rewrites PYTHONPATH for its workers: give it back afterwards; and no usage reports
     # (`flwr run` gets FLWR_TELEMETRY_ENABLED=0 from simulations.launch; here flwr has read it already)
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
@@ -132,7 +133,7 @@ def faulty_round(tmp_path, monkeypatch, base, random_pllm, num_nodes: int, fault
     monkeypatch.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "0")
     uploads = tmp_path / "faulty-uploads"
     uploads.mkdir()
-    server, devices = apps(run_config, faults, uploads)
+    server, devices = apps(config, faults, uploads)
     # one actor more than the cores: the late device holds one for the whole timeout
     run_simulation(server, devices, num_nodes, backend_config={
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 3}})

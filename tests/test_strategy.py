@@ -18,10 +18,13 @@ import torch
 from flwr.app import Array, Error, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from run_configs import run_config
 
 import protocol
+from protocol.run_config import RunConfigError
+from strategies.config import XPerTConfig
 from strategies.pllm_server import PLLMServer
-from strategies.xpert import XPerTConfig, XPerTStrategy
+from strategies.xpert import XPerTStrategy
 from xpert_fl.adapters import Adapter
 from xpert_fl.baselines import SELECTORS, TextEncoderSelector
 from xpert_fl.baselines.core import selection_seed
@@ -194,8 +197,8 @@ class FakeGrid:
 
 
 def cfg(**kw) -> XPerTConfig:
-    base = {"num-server-rounds": 2, "min-nodes": 1, "timeout": 5.0}
-    return XPerTConfig.from_run_config({**base, **{k.replace("_", "-"): v for k, v in kw.items()}})
+    """The run's config: pyproject's defaults, one node, short timeouts; ``kw``: ``foo_bar`` for key ``foo-bar``."""
+    return XPerTConfig.from_run_config(run_config({"min-nodes": 1, "timeout": 5.0}, **kw))
 
 
 def devices(n: int, modes: dict[int, str] | None = None, first_node: int = 101, seed: int = 0) -> list[FakeDevice]:
@@ -206,15 +209,16 @@ def devices(n: int, modes: dict[int, str] | None = None, first_node: int = 101, 
 
 
 def test_config_from_run_config_types_and_defaults():
-    c = XPerTConfig.from_run_config({"num-server-rounds": 3, "merge-delta": math.inf, "lr": 1, "orthogonalize": False})
-    assert c.num_server_rounds == 3 and c.merge_delta == math.inf and c.lr == 1.0 and isinstance(c.lr, float)
-    assert c.orthogonalize is False and c.max_parents == 3
+    c = cfg(num_server_rounds=3, merge_delta=math.inf, lr=1, orthogonalize=False)
+    assert c.rounds.num_server_rounds == 3 and c.select.merge_delta == math.inf
+    assert c.budget.lr == 1.0 and isinstance(c.budget.lr, float)  # a float key widens a TOML integer
+    assert c.basis.orthogonalize is False and c.select.max_parents == 3
     assert c.finetune_fields()["target_loss"] is None
-    assert XPerTConfig.from_run_config({"target-loss": 2.5}).finetune_fields()["target_loss"] == 2.5
+    assert cfg(target_loss=2.5).finetune_fields()["target_loss"] == 2.5
     for bad in ({"merge-delta": -1.0}, {"num-server-rounds": 0}, {"users-per-round": -1}, {"max-parents": 0},
                 {"max-parents": protocol.MAX_PARENTS + 1}):  # devices refuse a select request beyond it
-        with pytest.raises(ValueError):
-            XPerTConfig.from_run_config(bad)
+        with pytest.raises(RunConfigError):
+            XPerTConfig.from_run_config(run_config(bad))
 
 
 def test_two_rounds_grow_the_cache_and_later_users_start_from_uploads(tmp_path):
@@ -449,15 +453,14 @@ def test_self_reports_explain_an_upload_only_when_they_agree_with_the_probe(tmp_
     with pytest.raises(protocol.ProtocolError, match="drift.* must be finite"):
         protocol.parse_upload(protocol.upload_reply(adapter(5), {}, {"summarizer": "s"}, np.full(DIM, np.nan)))
     with pytest.raises(ValueError, match="self-report-min-cosine"):
-        XPerTConfig.from_run_config({"self-report-min-cosine": 2.0})
+        cfg(self_report_min_cosine=2.0)
 
 
 def test_human_weight_is_a_number_from_the_run_config():
-    assert XPerTConfig.from_run_config({}).human_weight == 1.0
-    assert XPerTConfig.from_run_config({"human-weight": 0.5}).human_weight == 0.5
+    assert cfg().select.human_weight == 1.0 and cfg(human_weight=0.5).select.human_weight == 0.5
     for bad in ("banana", "auto", -1.0):
-        with pytest.raises(ValueError, match="human.weight"):  # named, whether not a number or out of range
-            XPerTConfig.from_run_config({"human-weight": bad})
+        with pytest.raises(RunConfigError, match="human.weight"):  # named, whether not a number or out of range
+            cfg(human_weight=bad)
 
 
 def test_protocol_round_trips_and_hides_distances():
@@ -518,13 +521,13 @@ def _selecting(tmp_path, method: str, n_initial: int = 3, **kw) -> tuple[XPerTSt
 
 
 def test_config_selection_names_a_registered_method():
-    assert XPerTConfig().selection == "xpert" and XPerTConfig.from_run_config({"selection": "bo"}).selection == "bo"
-    with pytest.raises(ValueError, match=r"selection must be one of \['bo', 'exhaustive', .*got 'grid'"):
-        XPerTConfig.from_run_config({"selection": "grid"})
-    with pytest.raises(ValueError, match="selection-trials"):
-        XPerTConfig.from_run_config({"selection": "exhaustive", "selection-trials": 2})
-    with pytest.raises(ValueError, match="report-labels"):
-        XPerTConfig.from_run_config({"selection": "oracle", "report-labels": False})
+    assert cfg().select.selection == "xpert" and cfg(selection="bo").select.selection == "bo"
+    with pytest.raises(RunConfigError, match=r"selection must be one of \['bo', 'exhaustive', .*got 'grid'"):
+        cfg(selection="grid")
+    with pytest.raises(RunConfigError, match="selection-trials"):
+        cfg(selection="exhaustive", selection_trials=2)
+    with pytest.raises(RunConfigError, match="report-labels"):
+        cfg(selection="oracle", report_labels=False)
 
 
 @pytest.mark.parametrize("method", ["exhaustive", "bo", "hyperband"])
@@ -638,21 +641,42 @@ def test_an_unreadable_offered_adapter_fails_the_selection_and_the_round_goes_on
 
 
 def test_the_run_config_in_pyproject_is_the_dataclasses_defaults():
-    """One value per setting: every run-config key that a config dataclass holds has the pyproject value
-    as its default (the library, `xpert simulate` and `flwr run .` then agree)."""
+    """One source per setting: every run-config key of pyproject is exactly one field of one config section,
+    read by the server (XPerTConfig), the device (DeviceConfig) or both through the same section; no field
+    has a default that could disagree with pyproject's; both sides read pyproject's run config as it is."""
     import dataclasses
-    import tomllib
-    from pathlib import Path
 
-    from clients.users import DataConfig
+    from clients.config import DeviceConfig
+    from protocol.run_config import fields_by_key, pyproject_defaults
+    from strategies.config import Budget
 
-    rc = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
-    rc = rc["tool"]["flwr"]["app"]["config"]
-    held = 0
-    for cls in (XPerTConfig, DataConfig):
-        for f in dataclasses.fields(cls):
-            key = f.name.replace("_", "-")
-            if key in rc:
-                held += 1
-                assert f.default == rc[key], f"{cls.__name__}.{f.name} = {f.default!r}, run config {key} = {rc[key]!r}"
-    assert held >= len(rc) - 3  # report-labels, device-threads, trainer: read by the ClientApp itself
+    rc = pyproject_defaults()
+    owners: dict[str, set] = {}
+    for tree in (XPerTConfig, DeviceConfig):
+        for key, owner in fields_by_key(tree).items():
+            owners.setdefault(key, set()).add(owner)
+    assert {k: o for k, o in owners.items() if len(o) > 1} == {}  # a key both sides read: one shared section
+    assert sorted(owners) == sorted(rc)  # every pyproject key is read; nothing is read that pyproject lacks
+    for key, ((cls, name),) in owners.items():
+        (f,) = [f for f in dataclasses.fields(cls) if f.name == name]
+        assert f.default in (dataclasses.MISSING, rc[key]), f"{cls.__name__}.{name} = {f.default!r}, {key} = {rc[key]}"
+    server, device = XPerTConfig.from_run_config(rc), DeviceConfig.from_run_config(rc)
+    assert server.common is not device.common and server.common == device.common
+    # every budget key travels to the devices: no FinetuneConfig default (the library's, offline) stands in
+    budget = {f.name for f in dataclasses.fields(Budget)} - {"compare_scratch", "target_loss"}
+    assert budget <= set(server.finetune_fields()) and "target_loss" in server.finetune_fields()
+
+
+def test_run_config_keys_are_required_and_typed():
+    """No fallbacks and no coercion: a missing key or a value of another type is an error naming the key."""
+    rc = run_config()
+    del rc["tau-res"]
+    with pytest.raises(RunConfigError, match="no key 'tau-res'"):
+        XPerTConfig.from_run_config(rc)
+    for key, bad in (("self-reports", "false"), ("orthogonalize", 0), ("max-steps", 1.5), ("max-steps", True),
+                     ("lr", "3e-3"), ("model", 135), ("timeout", False)):
+        with pytest.raises(RunConfigError, match=f"run config {key} = {bad!r} is not a"):
+            XPerTConfig.from_run_config(run_config({key: bad}))
+    assert cfg(timeout=60).rounds.timeout == 60.0  # an integer where a float is expected is the same number
+    with pytest.raises(KeyError, match="max-step"):  # the tests' helper refuses unknown keys, as Flower does
+        run_config(max_step=3)

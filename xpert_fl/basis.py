@@ -279,6 +279,20 @@ class Basis:
         return " · ".join(parts) if parts else f"(all |coef| < {min_abs:g})"
 
     # --- persistence -----------------------------------------------------------------------
+    def expect_settings(
+        self, tau_orth: float, tau_res: float, orthogonalize: bool, complete: bool, where: str = "basis"
+    ) -> None:
+        """BasisError naming both values where these growth settings differ from this basis's own.
+
+        Why: a basis's words and every pLLM's coordinates on it embody the settings it was grown with;
+        reopening it under others would silently keep its own and misreport what the run used."""
+        asked = {"tau_orth": float(tau_orth), "tau_res": float(tau_res), "orthogonalize": bool(orthogonalize),
+                 "complete": bool(complete)}
+        differ = [f"{k} {getattr(self, k)!r} (asked: {v!r})" for k, v in asked.items() if getattr(self, k) != v]
+        if differ:
+            raise BasisError(f"{where} was grown with {', '.join(differ)}: open it with the settings it was grown "
+                             "with, or explain into a new cache")
+
     def save(self, path: str | Path) -> Path:
         """One safetensors file: the vectors, plus the rest as JSON metadata. Atomic (temp + rename)."""
         path = Path(path)

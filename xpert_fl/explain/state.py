@@ -34,10 +34,13 @@ def save_drifts(path: Path, drifts: dict[str, np.ndarray]) -> None:
 def open_basis(
     root: Path, summarizer: Summarizer, tau_orth: float, tau_res: float, orthogonalize: bool, complete: bool = True
 ) -> Basis:
-    """The cache's basis, or a new empty one for this summarizer."""
+    """The cache's basis, or a new empty one for this summarizer and these settings (an existing one
+    grown under other settings is refused: ``Basis.expect_settings``)."""
     path = root / BASIS_FILE
     if path.is_file():
-        return Basis.load(path, expect_summarizer=summarizer.fingerprint)
+        basis = Basis.load(path, expect_summarizer=summarizer.fingerprint)
+        basis.expect_settings(tau_orth, tau_res, orthogonalize, complete, where=f"basis {path}")
+        return basis
     return Basis(
         dim=summarizer.dim, tau_orth=tau_orth, tau_res=tau_res, summarizer=summarizer.fingerprint,
         orthogonalize=orthogonalize, complete=complete,
