@@ -52,8 +52,8 @@ def harness_section(harness_dir: Path, out: Path) -> str:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by path (tests)
     from selection_harness import command, markdown
     results = json.loads(path.read_text())
-    # runs at other similarities (their own pLLMs, their own work dir) live in similarity-*/ beside it
-    for other in sorted(harness_dir.glob("similarity-*/summary.json")):
+    # runs at other similarities (their own pLLMs) or user sizes (their own work dir) live beside it
+    for other in sorted([*harness_dir.glob("similarity-*/summary.json"), *harness_dir.glob("samples-*/summary.json")]):
         results += json.loads(other.read_text())
     figure = os.path.relpath(harness_dir / "summary.png", out.parent)
     tuned = "; ".join(f"{what}: {', '.join(corpora)}" for what, corpora in results[0]["development_corpora"].items())

@@ -258,16 +258,18 @@ def plot_summary(results: list[dict], path: Path) -> None:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| corpus | similarity | method | accuracy [95% CI] | n | device s / user | MB down / user | max share |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| corpus | similarity | texts / user | method | accuracy [95% CI] | n | device s / user | MB down / user "
+             "| max share |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         tag = f"{r['corpus']}{' (development)' if r['tuned_here'] else ''}"
+        texts = r["config"]["user_samples"]
         for s, by_method in r["results"].items():
             for m, v in by_method.items():
-                lines.append(f"| {tag} | {s} | {m} | {v['accuracy']:.3f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}] | "
+                ci = f"[{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
+                lines.append(f"| {tag} | {s} | {texts} | {m} | {v['accuracy']:.3f} {ci} | "
                              f"{v['n']} | {v['device_seconds_mean']:.2f} | {v['bytes_down_mean'] / 1e6:.3f} | "
                              f"{v['hubness']['max_share']:.2f} |")
-    checks = [r for r in results if r.get("self_report_check")]
+    checks = list({r["corpus"]: r for r in reversed(results) if r.get("self_report_check")}.values())[::-1]
     if checks:
         lines += ["", "Self-report check (``self-report-min-cosine``) on each corpus's pLLMs as if uploaded: reports "
                   "accepted, and the honest reports' cosine with the pLLM's own probe answers.", "",
