@@ -54,7 +54,7 @@ pytestmark = pytest.mark.skipif(
     bool(MISSING), reason=f"JVM client needs a JDK and protoc: missing {', '.join(MISSING)} "
     "(run `make -C android_client deps` as root)"
 )
-EMBED_DIM = 576  # hidden size of the default summarizer (SmolLM2-135M)
+EMBED_DIM = 384  # the default embedding space: the sentence encoder (all-MiniLM-L6-v2)
 # One round, tiny server budgets (as tests/test_flower_runs.py); the device-side keys are unused by the JVM device.
 TINY = {
     "num-server-rounds": 1, "num-probe-prompts": 4, "probe-max-new-tokens": 16, "probe-batch-size": 4, "max-steps": 2,
@@ -283,7 +283,8 @@ def test_jvm_device_against_real_superlink(jar, tmp_path, base):
     p = json.loads(probe_out.read_text())
     assert p["users"] == ["jvm-baddim", "jvm-good"]
     assert p["unknown_type"]["code"] == 2 and "unknown message type 'query.unknown'" in p["unknown_type"]["reason"]
-    assert "basis dimension 579 != the device's drift embedding dimension 576" in p["dims_mismatch"]["reason"]
+    want = f"basis dimension {EMBED_DIM + 3} != the device's drift embedding dimension {EMBED_DIM}"
+    assert want in p["dims_mismatch"]["reason"]
     assert p["tampered"]["code"] == 3 and "failed verification" in p["tampered"]["reason"]
     for case in ("nearest-l1", "merge-l1", "nearest-drift", "merge-drift"):
         sel = p["select"][case]
@@ -312,7 +313,8 @@ def test_jvm_device_against_real_superlink(jar, tmp_path, base):
     assert ok["new_id"] == adapter.content_hash  # the upload arrived bit-exact (no-op trainer: the start adapter)
     assert ok["finetune"]["noop_trainer"] == 1.0 and ok["explanation"]
     assert ok["bytes"]["adapter-up"] > 100 * ok["bytes"]["choice"] > 0
-    assert failed["status"] == "select-error" and "drift embedding dimension 575" in failed["error"], failed
+    assert failed["status"] == "select-error", failed
+    assert f"drift embedding dimension {EMBED_DIM - 1}" in failed["error"], failed
     from xpert_fl.cache import PLLMCache
 
     entries = PLLMCache(results / "cache").entries()
