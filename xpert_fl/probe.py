@@ -154,6 +154,6 @@ def base_generator(base: LoadedModel, probe: ProbeConfig) -> BaseAnswers:
 
 
 def nonempty(texts: Sequence[str]) -> list[str]:
-    """``texts`` with each blank one replaced by a placeholder: a model may answer with nothing (an
+    """``texts`` with each blank one replaced by the text "(no answer)": a model may answer with nothing (an
     immediate end of turn), and the summarizer and the text encoder need some text to embed."""
     return [t if t.strip() else "(no answer)" for t in texts]

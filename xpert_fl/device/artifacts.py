@@ -8,7 +8,7 @@ modules, rsLoRA): the LoRA *values* are inputs, not part of the graph. Layout of
 * ``nominal_checkpoint``: ORT checkpoint with parameter names/shapes only (kilobytes).
 * ``base_weights.bin``: every parameter, fp32 little-endian, concatenated in the order ORT's
   ``Module.copy_buffer_to_parameters(trainable_only=False)`` expects (LoRA slots hold random
-  placeholders, overwritten before training). Downloaded once per base model and LoRA shape.
+  initial values, overwritten before training). Downloaded once per base model and LoRA shape.
 * ``optimizer_*.onnx``: AdamW (PyTorch semantics) with gradient-norm clipping, one per
   (weight decay, max norm), generated on demand (cheap).
 * ``manifest.json``: the LoRA shape, base fingerprint, and per parameter its ONNX name, PEFT name
