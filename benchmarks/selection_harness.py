@@ -48,7 +48,6 @@ from xpert_fl.data.mixing import split_roles  # noqa: E402
 from xpert_fl.evaluation import confusion, hubness, wilson  # noqa: E402
 from xpert_fl.explain import trusted_drift  # noqa: E402
 from xpert_fl.files import atomic_write_text  # noqa: E402
-from xpert_fl.production import cloud_reports  # noqa: E402
 
 METHODS = ("xpert", "text-encoder", "random", "exhaustive", "oracle")
 LOSS_METHODS = ("exhaustive", "bo", "hyperband")  # evaluate pLLMs' losses on the device: minutes per user
@@ -150,7 +149,7 @@ def report_checks(bench: Workbench, basis, entries, seed: int) -> dict:
     probe answers, beside forged ones (a random unit vector, the honest report negated, another
     pLLM's report) and whether the run config's threshold accepts each."""
     summarizer = bench.summarizer()
-    reports = cloud_reports(summarizer, bench.base.tokenizer, bench.corpus, entries)
+    reports = bench.cloud_reports(entries)
     threshold = float(run_config()["self-report-min-cosine"])
     rng = np.random.default_rng(seed)
     out = {"threshold": threshold, "pllms": {}}

@@ -117,6 +117,7 @@ class Workbench:
         self._user_drifts: dict[tuple[str, str], Drift] = {}
         self._selectors: dict[str, Selector] = {}
         self._runs: dict[tuple[str, str], FinetuneResult] = {}
+        self._reports: dict[str, np.ndarray] = {}  # cloud pLLMs' training-data embeddings, by id
 
     # --- the cache ----------------------------------------------------------------------------
     def _working_cache(self) -> PLLMCache:
@@ -221,9 +222,16 @@ class Workbench:
                         parse_human_weight(self.cfg.human_weight))
         wanted = {e.id for e in entries}
         pending = [e for e in unexplained(self.cache) if e.id in wanted]
-        reports = cloud_reports(summarizer, self.base.tokenizer, self.corpus, pending)
+        reports = self.cloud_reports(pending)
         explain_cache(self.cache, explainer, basis, ids=[e.id for e in entries], reports=reports)
         return basis
+
+    def cloud_reports(self, entries: list[CacheEntry]) -> dict[str, np.ndarray]:
+        """``production.cloud_reports`` with the default summarizer, each embedded once per run (explaining
+        and the harness's self-report checks read the same ones)."""
+        todo = [e for e in entries if e.id not in self._reports]
+        self._reports.update(cloud_reports(self.summarizer(), self.base.tokenizer, self.corpus, todo))
+        return {e.id: self._reports[e.id] for e in entries if e.id in self._reports}
 
     def fresh_basis(self, drifts: dict[str, Drift], summarizer: Summarizer, tau_orth: float = 0.1,
                     tau_res: float = 0.2, paper: bool | None = None
